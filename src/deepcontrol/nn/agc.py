@@ -1,0 +1,48 @@
+"""The paper's automatic gain control (AGC), eq. (1) of Ruff (2017).
+
+"AGC" here is the automatic gain control of arXiv:1706.03907, a normalisation layer,
+not the adaptive gradient clipping of NF-Nets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AutoGainControl2d(nn.Module):
+    """Automatic gain control, eq. (1): ``out = (y - λ·mean_HW(y)) · γ + β``.
+
+    The mean is taken per sample and per channel over the map positions ("per sample
+    mean not minibatch", §2), never over the batch; λ (``mean_scale``), γ (``weight``) and
+    β (``bias``) are trainable per channel. There is no running statistic and no division
+    by a standard deviation, so the layer is identical in train and eval mode, works at
+    batch size 1 and couples no two samples.
+
+    This is the readable reference. Under autocast it casts its parameters to the
+    activation's dtype rather than up-casting the activation.
+    """
+
+    def __init__(self, num_channels: int, mean_scale_init: float = 1.0) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.mean_scale_init = mean_scale_init
+        self.mean_scale = nn.Parameter(torch.full((num_channels,), float(mean_scale_init)))
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if y.dim() != 4 or y.shape[1] != self.num_channels:
+            raise ValueError(
+                f"AutoGainControl2d({self.num_channels}) expects (N, {self.num_channels}, H, W), "
+                f"got {tuple(y.shape)}"
+            )
+        shape = (1, self.num_channels, 1, 1)
+        mean_scale = self.mean_scale.to(y.dtype).view(shape)
+        weight = self.weight.to(y.dtype).view(shape)
+        bias = self.bias.to(y.dtype).view(shape)
+        mean = y.mean(dim=(2, 3), keepdim=True)
+        return (y - mean_scale * mean) * weight + bias
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, mean_scale_init={self.mean_scale_init}"

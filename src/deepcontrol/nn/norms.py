@@ -1,0 +1,43 @@
+"""One registry for every normalisation that can follow a convolution."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from deepcontrol.nn.agc import AutoGainControl2d
+
+
+class ChannelBias(nn.Module):
+    """No normalisation: a learned per-channel bias only (the conv before it has none)."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.to(x.dtype).view(1, -1, 1, 1)
+
+
+def _group_norm(num_channels: int) -> nn.GroupNorm:
+    # 32 groups (Wu & He 2018), fewer when the channels do not divide into 32.
+    return nn.GroupNorm(math.gcd(32, num_channels), num_channels)
+
+
+NORMS: dict[str, Callable[..., nn.Module]] = {
+    "bn": nn.BatchNorm2d,
+    "agc": AutoGainControl2d,
+    "gn": _group_norm,
+    "in": lambda num_channels: nn.InstanceNorm2d(num_channels, affine=True),
+    "none": ChannelBias,
+}
+
+
+def make_norm(name: str, num_channels: int) -> nn.Module:
+    """The norm layer ``name`` (bn, agc, gn, in or none) for ``num_channels`` channels."""
+    if name not in NORMS:
+        raise ValueError(f"unknown norm {name!r}: choose one of {', '.join(sorted(NORMS))}")
+    return NORMS[name](num_channels)

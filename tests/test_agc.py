@@ -1,0 +1,115 @@
+"""AutoGainControl2d against eq. (1) of the paper and its stated properties (§2)."""
+
+import pytest
+import torch
+
+from deepcontrol.nn import AutoGainControl2d
+
+
+def random_agc(channels: int, dtype: torch.dtype = torch.float32) -> AutoGainControl2d:
+    agc = AutoGainControl2d(channels).to(dtype)
+    with torch.no_grad():  # away from the 1, 1, 0 initialisation so every term matters
+        agc.mean_scale.uniform_(0.0, 2.0)
+        agc.weight.uniform_(0.5, 1.5)
+        agc.bias.normal_()
+    return agc
+
+
+def reference(y: torch.Tensor, agc: AutoGainControl2d) -> torch.Tensor:
+    """Eq. (1) in float64, written out per sample and per filter with loops."""
+    y = y.double()
+    out = torch.empty_like(y)
+    for s in range(y.shape[0]):
+        for c in range(y.shape[1]):
+            lam, gamma, beta = (
+                float(p[c].detach()) for p in (agc.mean_scale, agc.weight, agc.bias)
+            )
+            out[s, c] = (y[s, c] - lam * y[s, c].mean()) * gamma + beta
+    return out
+
+
+def test_initialisation():
+    agc = AutoGainControl2d(5)
+    assert agc.mean_scale.tolist() == [1.0] * 5
+    assert agc.weight.tolist() == [1.0] * 5
+    assert agc.bias.tolist() == [0.0] * 5
+    assert AutoGainControl2d(3, mean_scale_init=0.5).mean_scale.tolist() == [0.5] * 3
+    assert len(list(agc.buffers())) == 0  # no running statistics
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 7, 9), (1, 3, 1, 5), (2, 8, 16, 16)])
+def test_forward_matches_equation_1(shape):
+    torch.manual_seed(0)
+    agc = random_agc(shape[1])
+    y = torch.randn(shape) * 3 + 2
+    torch.testing.assert_close(agc(y).double(), reference(y, agc), rtol=1e-5, atol=1e-5)
+
+
+def test_no_division_by_std():
+    agc = AutoGainControl2d(1)
+    y = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])
+    # λ = γ = 1, β = 0: the mean is removed and the amplitude kept.
+    assert agc(y).flatten().tolist() == [-15.0, -5.0, 5.0, 15.0]
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    agc = random_agc(3, torch.float64)
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda y, lam, w, b: torch.func.functional_call(
+            agc, {"mean_scale": lam, "weight": w, "bias": b}, (y,)
+        ),
+        (y, *(p.detach().clone().requires_grad_() for p in agc.parameters())),
+    )
+
+
+def test_train_and_eval_identical():
+    torch.manual_seed(0)
+    agc = random_agc(4)
+    y = torch.randn(3, 4, 5, 6)
+    train_out = agc.train()(y)
+    eval_out = agc.eval()(y)
+    assert torch.equal(train_out, eval_out)
+
+
+def test_batch_of_one_equals_sample_in_batch():
+    torch.manual_seed(0)
+    agc = random_agc(4)
+    y = torch.randn(5, 4, 6, 6)
+    single = agc(y[2:3])
+    torch.testing.assert_close(single, agc(y)[2:3], rtol=0, atol=1e-6)
+    torch.testing.assert_close(single.double(), reference(y[2:3], agc), rtol=1e-5, atol=1e-5)
+
+
+def test_no_cross_sample_leakage():
+    torch.manual_seed(0)
+    agc = random_agc(4)
+    y = torch.randn(2, 4, 6, 6, requires_grad=True)
+    changed = y.detach().clone()
+    changed[1] = torch.randn(4, 6, 6) * 100
+    assert torch.equal(agc(y)[0], agc(changed)[0])
+    # and no gradient flows from one sample's output to another's input
+    agc(y)[0].sum().backward()
+    assert torch.count_nonzero(y.grad[1]) == 0
+
+
+def test_bf16_autocast_keeps_activation_dtype():
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    agc = AutoGainControl2d(8)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        assert y.dtype == torch.bfloat16
+        out = agc(y)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    for p in agc.parameters():  # parameters and their gradients stay float32
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+    expected = reference(y.float(), agc)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_wrong_channel_count_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"AutoGainControl2d\(4\) expects \(N, 4, H, W\)"):
+        AutoGainControl2d(4)(torch.randn(1, 3, 2, 2))

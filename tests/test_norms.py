@@ -1,0 +1,46 @@
+"""The norm registry."""
+
+import pytest
+import torch
+from torch import nn
+
+from deepcontrol.nn import NORMS, AutoGainControl2d, ChannelBias, make_norm
+
+
+@pytest.mark.parametrize(
+    "name, cls", [("bn", nn.BatchNorm2d), ("agc", AutoGainControl2d), ("gn", nn.GroupNorm),
+                  ("in", nn.InstanceNorm2d), ("none", ChannelBias)],
+)  # fmt: skip
+def test_every_norm_builds_and_keeps_shape(name, cls):
+    norm = make_norm(name, 64)
+    assert isinstance(norm, cls)
+    x = torch.randn(2, 64, 5, 7)
+    assert norm(x).shape == x.shape
+
+
+def test_group_norm_uses_32_groups_or_fewer():
+    assert make_norm("gn", 512).num_groups == 32
+    assert make_norm("gn", 24).num_groups == 8
+    assert make_norm("gn", 7).num_groups == 1
+
+
+def test_instance_norm_has_affine_parameters():
+    norm = make_norm("in", 8)
+    assert norm.affine and norm.weight.shape == (8,)
+
+
+def test_none_is_a_learned_bias():
+    norm = make_norm("none", 3)
+    with torch.no_grad():
+        norm.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    out = norm(torch.zeros(1, 3, 2, 2))
+    assert out[0, :, 0, 0].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_unknown_norm_lists_the_choices():
+    with pytest.raises(ValueError) as error:
+        make_norm("layernorm", 8)
+    message = str(error.value)
+    assert "'layernorm'" in message
+    for name in NORMS:
+        assert name in message
