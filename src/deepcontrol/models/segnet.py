@@ -1,0 +1,80 @@
+"""SegNet with pooling indices, as released in SegNet-Tutorial (Badrinarayanan et al.)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from deepcontrol.models.init import initialize
+from deepcontrol.nn import make_norm
+
+# VGG16's 13 convs in five blocks, and the mirrored decoder (SegNet-Tutorial's prototxt).
+ENCODER = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+DECODER = ((512, 512, 512), (512, 512, 256), (256, 256, 128), (128, 64), (64,))
+
+
+class ConvNormReLU(nn.Sequential):
+    """3×3 conv (no bias: the norm's β replaces it), norm, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            make_norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class SegNet(nn.Module):
+    """SegNet: VGG16 encoder, 2×2 max-pool with indices, mirrored max-unpool decoder.
+
+    26 convs, no skip connections; every hidden conv is conv→norm→ReLU and the last is a
+    64→K conv with bias. ``norm`` picks the layer after each conv (the paper compares
+    ``bn`` with ``agc``). Inputs of any size work: unpooling is given the pre-pool size.
+    """
+
+    def __init__(
+        self, num_classes: int = 19, norm: str = "bn", in_channels: int = 3, init: str = "he"
+    ) -> None:
+        super().__init__()
+        self.encoder = nn.ModuleList()
+        width = in_channels
+        for widths in ENCODER:
+            self.encoder.append(nn.Sequential(*self._block(width, widths, norm)))
+            width = widths[-1]
+        self.decoder = nn.ModuleList()
+        for widths in DECODER:
+            self.decoder.append(nn.Sequential(*self._block(width, widths, norm)))
+            width = widths[-1]
+        self.classifier = nn.Conv2d(width, num_classes, 3, padding=1)
+        initialize(self._convs_with_position(), init)
+
+    @staticmethod
+    def _block(in_channels: int, widths: tuple[int, ...], norm: str) -> list[ConvNormReLU]:
+        layers = []
+        for out_channels in widths:
+            layers.append(ConvNormReLU(in_channels, out_channels, norm))
+            in_channels = out_channels
+        return layers
+
+    def _convs_with_position(self) -> list[tuple[nn.Conv2d, bool]]:
+        """Every conv with whether it is the first after the input or an (un)pooling."""
+        convs = []
+        for block in [*self.encoder, *self.decoder]:
+            for i, layer in enumerate(block):
+                convs.append((layer[0], i == 0))
+        convs.append((self.classifier, True))  # the classifier keeps He init too
+        return convs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = []
+        for block in self.encoder:
+            x = block(x)
+            size = x.shape[-2:]
+            x, indices = F.max_pool2d(x, 2, stride=2, return_indices=True)
+            pooled.append((indices, size))
+        for block in self.decoder:
+            indices, size = pooled.pop()
+            x = F.max_unpool2d(x, indices, 2, stride=2, output_size=size)
+            x = block(x)
+        return self.classifier(x)
