@@ -1,0 +1,71 @@
+"""Datasets behind one interface: list → prepare (cache, once) → device-resident batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from deepcontrol.data.class_weights import enet_class_weights
+from deepcontrol.data.io import IGNORE_INDEX, DatasetError
+from deepcontrol.data.loader import DeviceBatches
+from deepcontrol.data.prepare import ensure_cache, prepare_cache
+from deepcontrol.data.registry import FORMATS, DatasetFormat, get_format
+
+
+@dataclass
+class Data:
+    """What training needs from a dataset: its two loaders, classes and class weights."""
+
+    train: DeviceBatches
+    val: DeviceBatches
+    class_names: tuple[str, ...]
+    class_weights: torch.Tensor | None
+    manifest: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def build_data(data_cfg: DictConfig, device: torch.device, seed: int = 0) -> Data:
+    """Loaders for the data config (built from its cache, which is made if missing)."""
+    cache_dir, manifest = ensure_cache(data_cfg)
+    if data_cfg.input_norm == "mean":
+        std = [1.0, 1.0, 1.0]  # pixel units: see configs/data/cityscapes.yaml
+    elif data_cfg.input_norm == "standard":
+        std = manifest["std"]
+    else:
+        raise ValueError(
+            f"data.input_norm must be 'mean' or 'standard', got {data_cfg.input_norm!r}"
+        )
+    common = dict(batch_size=data_cfg.batch_size, mean=manifest["mean"], std=std, device=device)
+    train = DeviceBatches.from_cache(
+        cache_dir, "train", shuffle=True, hflip=data_cfg.hflip, seed=seed, **common
+    )
+    val = DeviceBatches.from_cache(cache_dir, "val", **common)
+    if data_cfg.class_weights == "enet":
+        weights = torch.tensor(manifest["enet_class_weights"])
+    elif data_cfg.class_weights == "none":
+        weights = None
+    else:
+        raise ValueError(
+            f"data.class_weights must be 'enet' or 'none', got {data_cfg.class_weights!r}"
+        )
+    return Data(train, val, tuple(manifest["class_names"]), weights, manifest)
+
+
+__all__ = [
+    "FORMATS",
+    "IGNORE_INDEX",
+    "Data",
+    "DatasetError",
+    "DatasetFormat",
+    "DeviceBatches",
+    "build_data",
+    "enet_class_weights",
+    "ensure_cache",
+    "get_format",
+    "prepare_cache",
+]

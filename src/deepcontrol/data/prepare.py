@@ -1,0 +1,181 @@
+"""Decode, map and resize a dataset once into a cache that training reads (§3: 256×512).
+
+Decoding 2048×1024 PNGs is the bottleneck of Cityscapes training, so it is done once:
+``<cache_dir>/{train,val}_{images,labels}.npy`` hold uint8 images (N, H, W, 3) and train-id
+labels (N, H, W) at the training size, and ``manifest.json`` the source, the per-class
+pixel counts of the training split, the ENet class weights and the image mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+
+from deepcontrol.data.class_weights import enet_class_weights
+from deepcontrol.data.io import IGNORE_INDEX, DatasetError, map_labels, read_label_map, read_rgb
+from deepcontrol.data.registry import DatasetFormat, get_format
+
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+CACHE_VERSION = 1
+
+
+def load_pair(
+    image_path: Path, label_path: Path, lut: np.ndarray, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (image, train-id label) pair at ``height``×``width``.
+
+    Images are resized bilinearly with antialiasing (Pillow's resize filters over the
+    whole footprint when shrinking), labels by nearest neighbour.
+    """
+    image = read_rgb(image_path)
+    labels = map_labels(read_label_map(label_path), lut, label_path)
+    if image.shape[:2] != labels.shape:
+        raise DatasetError(
+            f"{label_path}: label is {labels.shape[1]}x{labels.shape[0]} but its image "
+            f"{image_path} is {image.shape[1]}x{image.shape[0]}; expected the same size"
+        )
+    if image.shape[:2] != (height, width):
+        image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+        labels = np.asarray(Image.fromarray(labels).resize((width, height), Image.NEAREST))
+    return image, labels
+
+
+def _load_pair_star(args: tuple) -> tuple[np.ndarray, np.ndarray]:
+    return load_pair(*args)
+
+
+def prepare_cache(
+    fmt: DatasetFormat,
+    root: Path,
+    cache_dir: Path,
+    height: int,
+    width: int,
+    workers: int | None = None,
+) -> dict:
+    """Write the cache for ``root`` into ``cache_dir`` and return its manifest.
+
+    Everything is written into a temporary sibling folder that is renamed at the end, so
+    an interrupted prepare leaves no half-written cache.
+    """
+    root, cache_dir = Path(root).resolve(), Path(cache_dir)
+    pairs = {split: fmt.list_pairs(root, split) for split in SPLITS}  # fail before any work
+    tmp = cache_dir.with_name(f".{cache_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lut = fmt.label_lut()
+    workers = workers or min(8, os.cpu_count() or 1)
+    manifest = {
+        "version": CACHE_VERSION,
+        "format": fmt.name,
+        "root": str(root),
+        "height": height,
+        "width": width,
+        "class_names": list(fmt.class_names),
+        "ignore_index": IGNORE_INDEX,
+        "splits": {},
+    }
+    with ProcessPoolExecutor(workers) as pool:
+        for split, split_pairs in pairs.items():
+            n = len(split_pairs)
+            images = np.lib.format.open_memmap(
+                tmp / f"{split}_images.npy", "w+", np.uint8, (n, height, width, 3)
+            )
+            labels = np.lib.format.open_memmap(
+                tmp / f"{split}_labels.npy", "w+", np.uint8, (n, height, width)
+            )
+            jobs = [(img, lbl, lut, height, width) for img, lbl in split_pairs]
+            for i, (image, label) in enumerate(pool.map(_load_pair_star, jobs, chunksize=4)):
+                images[i], labels[i] = image, label
+            images.flush()
+            labels.flush()
+            counts = np.bincount(labels.reshape(-1), minlength=256)
+            manifest["splits"][split] = {
+                "num_images": n,
+                "pixel_counts": counts[: fmt.num_classes].tolist(),
+                "ignored_pixels": int(counts[IGNORE_INDEX]),
+                "files": [str(img.relative_to(root)) for img, _ in split_pairs],
+            }
+            if split == "train":
+                # Per-channel statistics over the training images, for input normalisation.
+                pixels = images.reshape(-1, 3)
+                manifest["mean"] = pixels.mean(axis=0, dtype=np.float64).tolist()
+                manifest["std"] = pixels.std(axis=0, dtype=np.float64).tolist()
+                manifest["enet_class_weights"] = enet_class_weights(
+                    counts[: fmt.num_classes]
+                ).tolist()
+            del images, labels
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if cache_dir.exists():  # a concurrent prepare won the race, or --force
+        shutil.rmtree(cache_dir)
+    tmp.rename(cache_dir)
+    return manifest
+
+
+def read_manifest(cache_dir: Path) -> dict | None:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]:
+    """The cache for ``data_cfg``: built if missing (or ``force``), checked if present."""
+    if data_cfg.root is None:
+        raise DatasetError(
+            f"data.root is not set for data={data_cfg.name}: set it on the command line "
+            "(data.root=/path) or through the environment variable named in "
+            f"configs/data/{data_cfg.name}.yaml"
+        )
+    fmt = get_format(data_cfg.format)
+    root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
+    manifest = None if force else read_manifest(cache_dir)
+    if manifest is not None:
+        wanted = {
+            "version": CACHE_VERSION,
+            "format": fmt.name,
+            "root": str(root.resolve()),
+            "height": data_cfg.height,
+            "width": data_cfg.width,
+        }
+        stale = {k: (manifest.get(k), v) for k, v in wanted.items() if manifest.get(k) != v}
+        if stale:
+            raise DatasetError(
+                f"{cache_dir / MANIFEST}: cache was made for other settings "
+                f"(cached, wanted: {stale}); rebuild it with `deepcontrol-prepare "
+                f"data={data_cfg.name} --force` or choose another data.cache_dir"
+            )
+        return cache_dir, manifest
+    if data_cfg.get("synthetic") and not root.exists():
+        from deepcontrol.data.synthetic import write_synthetic_cityscapes
+
+        write_synthetic_cityscapes(root, **data_cfg.synthetic)
+    manifest = prepare_cache(fmt, root, cache_dir, data_cfg.height, data_cfg.width)
+    return cache_dir, manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``deepcontrol-prepare [--force] [HYDRA OVERRIDES]``, e.g. ``data=cityscapes``."""
+    from deepcontrol.config import compose
+
+    argv = sys.argv[1:] if argv is None else argv
+    force = "--force" in argv
+    cfg = compose([a for a in argv if a != "--force"])
+    try:
+        cache_dir, manifest = ensure_cache(cfg.data, force=force)
+    except DatasetError as e:
+        sys.exit(f"deepcontrol-prepare: {e}")
+    counts = ", ".join(f"{s} {m['num_images']}" for s, m in manifest["splits"].items())
+    print(f"cache {cache_dir} ready ({manifest['format']}, {counts} images)")
+
+
+if __name__ == "__main__":
+    main()
