@@ -1,0 +1,46 @@
+"""How big are SegNet's logits and gradients at initialisation, per norm and input scaling?
+
+A network of convs without bias, AGC with β = 0, ReLU and max-(un)pooling is positively
+homogeneous at init: its logits scale with its input. Each AGC removes the per-sample mean
+that follows a ReLU, so the signal also shrinks layer by layer. This prints, for one batch of
+the configured data, the std of the logits and the median over convs of |∇W| / |W|.
+
+    python scripts/init_signal.py data.height=256 data.width=512     # any training overrides
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from deepcontrol.config import compose
+from deepcontrol.data import build_data
+from deepcontrol.losses import pixel_cross_entropy
+from deepcontrol.models import build_model
+
+
+def measure(overrides: list[str]) -> tuple[float, float]:
+    cfg = compose(["device=cpu", *overrides])
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg.data, torch.device("cpu"), seed=cfg.seed)
+    model = build_model(cfg, data.num_classes)
+    images, labels = next(iter(data.train))
+    logits = model(images)
+    pixel_cross_entropy(logits, labels, data.class_weights).backward()
+    ratios = [p.grad.norm() / p.norm() for p in model.parameters() if p.dim() == 4]
+    return logits.std().item(), torch.stack(ratios).median().item()
+
+
+def main() -> None:
+    overrides = sys.argv[1:]
+    print("| norm | data.input_norm | logits std | median conv grad/weight |")
+    print("|---|---|---|---|")
+    for norm in ("bn", "agc"):
+        for input_norm in ("mean", "standard"):
+            std, ratio = measure([f"norm={norm}", f"data.input_norm={input_norm}", *overrides])
+            print(f"| {norm} | {input_norm} | {std:.3g} | {ratio:.3g} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Entry point: ``deepcontrol-train [OVERRIDES]`` or ``python -m deepcontrol.train``.
+
+Composes data → model → loss → optimiser → epochs of training and validation; every part
+is built elsewhere. ``train(cfg, output_dir)`` runs without Hydra's decorator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from deepcontrol.config import CONFIG_DIR
+from deepcontrol.data import build_data
+from deepcontrol.engine import evaluate, save_checkpoint, train_one_epoch
+from deepcontrol.logging import RunLogger, read_json, write_atomic
+from deepcontrol.losses import pixel_cross_entropy
+from deepcontrol.models import build_model
+
+log = logging.getLogger("deepcontrol")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but CUDA is not available; use device=cpu or auto")
+    return device
+
+
+def build_optimizer(optim_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum at a fixed learning rate (§3); the lr is already resolved."""
+    if optim_cfg.name != "sgd":
+        raise ValueError(f"unknown optim.name {optim_cfg.name!r}: choose sgd")
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=optim_cfg.lr,
+        momentum=optim_cfg.momentum,
+        weight_decay=optim_cfg.weight_decay,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: DictConfig, output_dir: Path | str) -> dict:
+    """Train one configuration into ``output_dir``; returns its summary.
+
+    With ``train.resume`` a finished run is returned as it is and an unfinished one goes
+    on from ``last.pt``.
+    """
+    if not logging.getLogger().handlers:  # called outside Hydra, which sets logging up
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_json(run_dir / "summary.json")
+    if cfg.train.resume and previous and previous["status"] in ("finished", "diverged"):
+        log.info(f"{run_dir}: already {previous['status']}, nothing to do")
+        return previous
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = build_data(cfg.data, device, seed=cfg.seed)
+    model = build_model(cfg, data.num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model)
+    weights = None if data.class_weights is None else data.class_weights.to(device)
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return pixel_cross_entropy(logits, labels, weights)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    start_epoch, history, best = 0, [], {"val_pixel_error": math.inf, "epoch": None}
+    last = run_dir / "last.pt"
+    if cfg.train.resume and last.is_file():
+        state = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        data.train.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+        start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        log.info(f"resuming {run_dir} after epoch {start_epoch}")
+
+    num_parameters = sum(p.numel() for p in model.parameters())
+    facts = {
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.data.batch_size,
+        "num_parameters": num_parameters,
+        "train_samples": data.train.num_samples,
+        "val_samples": data.val.num_samples,
+        "class_weights": None if weights is None else data.class_weights.tolist(),
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+    logger = RunLogger(run_dir, cfg, history)
+    logger.log_config(facts)
+    log.info(
+        f"{cfg.run_name}: {num_parameters:,} parameters, lr {cfg.optim.lr}, batch "
+        f"{cfg.data.batch_size}, {data.train.num_samples} train / {data.val.num_samples} val "
+        f"images on {device}; outputs in {run_dir}"
+    )
+    summary = {"status": "running", "run_dir": str(run_dir), **facts}
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        stats = train_one_epoch(
+            model, data.train, optimizer, loss_fn, cfg.train.precision, cfg.train.progress,
+            description=f"epoch {epoch}/{cfg.epochs}",
+        )  # fmt: skip
+        if not math.isfinite(stats["train_loss"]):
+            log.info(f"epoch {epoch}: loss is {stats['train_loss']}, run diverged")
+            summary.update(status="diverged", diverged_epoch=epoch)
+            break
+        metrics, iou = evaluate(model, data.val, loss_fn, data.num_classes, cfg.train.precision)
+        row = {
+            "epoch": epoch,
+            "samples_seen": epoch * data.train.num_samples,
+            **stats,
+            **metrics,
+            **{f"iou_{name}": float(v) for name, v in zip(data.class_names, iou, strict=True)},
+            "lr": cfg.optim.lr,
+            "seconds": time.perf_counter() - started,
+        }
+        logger.log_epoch(row)
+        if metrics["val_pixel_error"] < best["val_pixel_error"]:
+            best = {"val_pixel_error": metrics["val_pixel_error"], "epoch": epoch}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "loader": data.train.state_dict(),
+            "rng": _rng_state(),
+            "epoch": epoch,
+            "history": logger.history,
+            "best": best,
+            "config": resolved,
+        }
+        save_checkpoint(state, last)
+        if best["epoch"] == epoch:
+            save_checkpoint(state, run_dir / "best.pt")
+        log.info(
+            f"epoch {epoch:3d}/{cfg.epochs}  train loss {stats['train_loss']:.4f}  "
+            f"val loss {metrics['val_loss']:.4f}  val pixel error {metrics['val_pixel_error']:.4f}"
+            f"  mIoU {metrics['val_miou']:.4f}  ({row['seconds']:.1f} s)"
+        )
+        summary.update(_results(logger.history, best))
+        logger.write_summary(summary)
+    else:
+        summary["status"] = "finished"
+    summary.update(_results(logger.history, best))
+    logger.write_summary(summary)
+    return summary
+
+
+def _results(history: list[dict], best: dict) -> dict:
+    if not history:
+        return {"epochs_completed": 0}
+    final = history[-1]
+    return {
+        "epochs_completed": final["epoch"],
+        "samples_seen": final["samples_seen"],
+        "final_val_pixel_error": final["val_pixel_error"],
+        "final_val_loss": final["val_loss"],
+        "final_val_miou": final["val_miou"],
+        "best_val_pixel_error": best["val_pixel_error"],
+        "best_epoch": best["epoch"],
+    }
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

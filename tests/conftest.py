@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny synthetic Cityscapes, composed configs, the real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from deepcontrol.config import compose
+from deepcontrol.data.synthetic import write_synthetic_cityscapes
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DEEPCONTROL_SHARED", REPO.parent / "shared")) / "data"
+CAMVID = SHARED_DATA / "camvid"
+CITYSCAPES_SAMPLE = SHARED_DATA / "cityscapes-sample"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic Cityscapes (16 train, 8 val frames at 128×256), written once."""
+    root = tmp_path_factory.mktemp("synthetic") / "cityscapes"
+    return write_synthetic_cityscapes(root, num_train=16, num_val=8, height=128, width=256)
+
+
+def tiny_config(root: Path, cache: Path, *overrides: str) -> DictConfig:
+    """The real config, on the synthetic data at 32×64, two CPU epochs, no W&B."""
+    return compose(
+        [
+            "data=synthetic",
+            f"data.root={root}",
+            f"data.cache_dir={cache}",
+            "data.height=32",
+            "data.width=64",
+            "epochs=2",
+            "device=cpu",
+            "logger=none",
+            "train.progress=false",
+            *overrides,
+        ]
+    )
