@@ -227,3 +227,9 @@ def test_prepare_command(synthetic_root, tmp_path, capsys):
     assert np.load(tmp_path / "c" / "val_labels.npy").shape == (8, 16, 32)
     with pytest.raises(SystemExit, match=r"deepcontrol-prepare: Cityscapes root .* does not exist"):
         main(["data=cityscapes", f"data.root={tmp_path}/missing", f"data.cache_dir={tmp_path}/d"])
+
+
+def test_image_counts_other_than_the_official_split_are_reported(synthetic_root, tmp_path, caplog):
+    cfg = tiny_config(synthetic_root, tmp_path / "c", "+data.expected_images={train: 2975}")
+    ensure_cache(cfg.data)
+    assert "16 train images, but the official synthetic split has 2975" in caplog.text

@@ -1,7 +1,6 @@
 """End to end: train(cfg) on the synthetic Cityscapes, determinism, resume, W&B offline, CLI."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import torch
 from conftest import REPO, tiny_config
 
+from deepcontrol.logging import RunLogger
 from deepcontrol.results import read_metrics
 from deepcontrol.train import train
 
@@ -54,14 +54,20 @@ def test_validation_error_falls(synthetic_root, cache, tmp_path, norm, lr):
     assert errors[-1] < errors[0] - 0.1, errors
 
 
-def test_same_seed_same_metrics_and_resume_matches(synthetic_root, cache, tmp_path):
-    overrides = (*SIZE, "norm=agc", "data.hflip=true")
-    train(tiny_config(synthetic_root, cache, *overrides, "epochs=2"), tmp_path / "a")
-    train(tiny_config(synthetic_root, cache, *overrides, "epochs=2"), tmp_path / "b")
-    # interrupted after one epoch, then the same command again for two
-    train(tiny_config(synthetic_root, cache, *overrides, "epochs=1"), tmp_path / "c")
-    os.remove(tmp_path / "c" / "summary.json")  # as if killed before finishing
-    train(tiny_config(synthetic_root, cache, *overrides, "epochs=2"), tmp_path / "c")
+def test_same_seed_same_metrics_and_resume_matches(synthetic_root, cache, tmp_path, monkeypatch):
+    cfg = tiny_config(synthetic_root, cache, *SIZE, "norm=agc", "data.hflip=true")
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b")
+
+    def killed(self, summary):  # the process dies right after epoch 1's checkpoint
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunLogger, "write_summary", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "c")
+    assert torch.load(tmp_path / "c" / "last.pt", weights_only=False)["epoch"] == 1
+    train(cfg, tmp_path / "c")  # the same command again
 
     def comparable(run):  # NaN (IoU of a class never seen) compared as a string
         rows = read_metrics(run)
@@ -142,3 +148,15 @@ def test_command_line_entry_point(synthetic_root, cache, tmp_path):
     assert "val pixel error" in result.stderr + result.stdout
     assert "lr: 0.16" in (tmp_path / "config.yaml").read_text()
     assert (tmp_path / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_path):
+    train(tiny_config(synthetic_root, cache, *SIZE, "epochs=1"), tmp_path)
+    other = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", "model.init=identity")
+    with pytest.raises(ValueError, match=r"config.yaml: this directory holds a run with other"):
+        train(other, tmp_path)
+    # logging and progress may change between a run and its resumption
+    same = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", "train.progress=true")
+    assert train(same, tmp_path)["status"] == "finished"
+    best = torch.load(tmp_path / "best.pt", weights_only=False)  # weights, no optimiser
+    assert best["epoch"] == 1 and "model" in best and "optimizer" not in best

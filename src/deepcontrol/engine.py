@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,8 +85,49 @@ def evaluate(
     return metrics, confusion.iou()
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves half a checkpoint."""
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    extra: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    loader: DeviceBatches | None = None,
+) -> None:
+    """The model's weights and ``extra``; with ``optimizer`` and ``loader``, all that resuming
+    needs (their states and the RNG states).
+
+    Written with ``torch.save`` to a temporary file and renamed, so a crash never leaves half a
+    checkpoint.
+    """
+    state = {"model": model.state_dict(), **extra}
+    if optimizer is not None and loader is not None:
+        state.update(optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=_rng_state())
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DeviceBatches,
+    device: torch.device,
+) -> dict:
+    """Restore a resumable checkpoint into ``model``, ``optimizer``, ``loader`` and the RNGs;
+    returns the checkpoint (for its epoch, history and so on)."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepcontrol.config import CONFIG_DIR
 from deepcontrol.data import build_data
-from deepcontrol.engine import evaluate, save_checkpoint, train_one_epoch
+from deepcontrol.engine import evaluate, load_checkpoint, save_checkpoint, train_one_epoch
 from deepcontrol.logging import RunLogger, read_json, write_atomic
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import build_model
@@ -54,18 +54,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# Settings that may change between a run and its resumption without changing the run.
+RESUMABLE_CHANGES = ("device", "logger", "train.progress", "train.resume")
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_run(run_dir: Path, resolved: dict) -> None:
+    """Refuse to resume or skip a run whose directory holds a run of other settings."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))
+    wanted = _flatten(resolved)
+    differ = {
+        key: (saved.get(key), wanted.get(key))
+        for key in sorted(saved.keys() | wanted.keys())
+        if saved.get(key) != wanted.get(key)
+        and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+    }
+    if differ:
+        raise ValueError(
+            f"{saved_path}: this directory holds a run with other settings (saved, now: "
+            f"{differ}); choose another output directory (hydra.run.dir=...) or start over "
+            "with train.resume=false"
+        )
 
 
 def train(cfg: DictConfig, output_dir: Path | str) -> dict:
@@ -78,10 +99,13 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = Path(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    previous = read_json(run_dir / "summary.json")
-    if cfg.train.resume and previous and previous["status"] in ("finished", "diverged"):
-        log.info(f"{run_dir}: already {previous['status']}, nothing to do")
-        return previous
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.train.resume:
+        check_same_run(run_dir, resolved)
+        previous = read_json(run_dir / "summary.json")
+        if previous and previous["status"] in ("finished", "diverged"):
+            log.info(f"{run_dir}: already {previous['status']}, nothing to do")
+            return previous
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -95,16 +119,11 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return pixel_cross_entropy(logits, labels, weights)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     start_epoch, history, best = 0, [], {"val_pixel_error": math.inf, "epoch": None}
-    last = run_dir / "last.pt"
+    last, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if cfg.train.resume and last.is_file():
-        state = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        data.train.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+        state = load_checkpoint(last, model, optimizer, data.train, device)
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         log.info(f"resuming {run_dir} after epoch {start_epoch}")
 
@@ -150,19 +169,10 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
         logger.log_epoch(row)
         if metrics["val_pixel_error"] < best["val_pixel_error"]:
             best = {"val_pixel_error": metrics["val_pixel_error"], "epoch": epoch}
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "loader": data.train.state_dict(),
-            "rng": _rng_state(),
-            "epoch": epoch,
-            "history": logger.history,
-            "best": best,
-            "config": resolved,
-        }
-        save_checkpoint(state, last)
-        if best["epoch"] == epoch:
-            save_checkpoint(state, run_dir / "best.pt")
+        state = {"epoch": epoch, "history": logger.history, "best": best, "config": resolved}
+        save_checkpoint(last, model, state, optimizer, data.train)
+        if best["epoch"] == epoch:  # weights only: best.pt is for evaluation, last.pt resumes
+            save_checkpoint(best_path, model, state)
         log.info(
             f"epoch {epoch:3d}/{cfg.epochs}  train loss {stats['train_loss']:.4f}  "
             f"val loss {metrics['val_loss']:.4f}  val pixel error {metrics['val_pixel_error']:.4f}"

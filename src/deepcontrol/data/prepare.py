@@ -9,6 +9,7 @@ pixel counts of the training split, the ENet class weights and the image mean an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -22,6 +23,8 @@ from PIL import Image
 from deepcontrol.data.class_weights import enet_class_weights
 from deepcontrol.data.io import IGNORE_INDEX, DatasetError, map_labels, read_label_map, read_rgb
 from deepcontrol.data.registry import DatasetFormat, get_format
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
@@ -153,12 +156,20 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
                 f"(cached, wanted: {stale}); rebuild it with `deepcontrol-prepare "
                 f"data={data_cfg.name} --force` or choose another data.cache_dir"
             )
-        return cache_dir, manifest
-    if data_cfg.get("synthetic") and not root.exists():
-        from deepcontrol.data.synthetic import write_synthetic_cityscapes
+    else:
+        if data_cfg.get("synthetic") and not root.exists():
+            from deepcontrol.data.synthetic import write_synthetic_cityscapes
 
-        write_synthetic_cityscapes(root, **data_cfg.synthetic)
-    manifest = prepare_cache(fmt, root, cache_dir, data_cfg.height, data_cfg.width)
+            write_synthetic_cityscapes(root, **data_cfg.synthetic)
+        log.info(f"preparing the {data_cfg.name} cache in {cache_dir} (once)")
+        manifest = prepare_cache(fmt, root, cache_dir, data_cfg.height, data_cfg.width)
+    for split, expected in (data_cfg.get("expected_images") or {}).items():
+        found = manifest["splits"][split]["num_images"]
+        if found != expected:  # a partial download, or a deliberate subset
+            log.warning(
+                f"{root}: {found} {split} images, but the official {data_cfg.name} split has "
+                f"{expected}"
+            )
     return cache_dir, manifest
 
 
