@@ -40,3 +40,14 @@ def tiny_config(root: Path, cache: Path, *overrides: str) -> DictConfig:
             *overrides,
         ]
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is available here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

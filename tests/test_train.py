@@ -131,7 +131,8 @@ def test_wandb_offline_run_holds_the_history(synthetic_root, cache, tmp_path, mo
     [history] = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     logged = wandb_history(history)
     expected = read_metrics(tmp_path / "run")
-    assert [r["epoch"] for r in logged] == [1, 2]
+    logged = [row for row in logged if "epoch" in row]  # wandb may add rows of its own
+    assert [r["epoch"] for r in logged] == [1, 2], logged
     for got, want in zip(logged, expected, strict=True):
         assert got["samples_seen"] == want["samples_seen"]
         assert got["val_pixel_error"] == pytest.approx(want["val_pixel_error"])

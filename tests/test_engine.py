@@ -1,0 +1,55 @@
+"""The training step under each precision and device, on a tiny network."""
+
+import pytest
+import torch
+from torch import nn
+
+from deepcontrol.data import DeviceBatches
+from deepcontrol.engine import autocast, evaluate, train_one_epoch
+from deepcontrol.losses import pixel_cross_entropy
+from deepcontrol.nn import AutoGainControl2d
+
+
+def tiny_problem(device: str) -> tuple[nn.Module, DeviceBatches]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), AutoGainControl2d(8), nn.ReLU(),
+        nn.Conv2d(8, 3, 1),
+    ).to(device)  # fmt: skip
+    images = torch.randint(0, 256, (6, 8, 10, 3), dtype=torch.uint8)
+    labels = (images[..., 0] // 86).to(torch.uint8)  # class from the red channel: learnable
+    labels[:, 0, 0] = 255
+    batches = DeviceBatches(
+        images, labels, batch_size=4, mean=[128.0] * 3, std=[64.0] * 3, shuffle=True, device=device
+    )
+    return model, batches
+
+
+def run(device: str, precision: str) -> list[float]:
+    model, batches = tiny_problem(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        losses.append(train_one_epoch(model, batches, optimizer, pixel_cross_entropy, precision))
+    metrics, iou = evaluate(model, batches, pixel_cross_entropy, 3, precision)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert 0 <= metrics["val_pixel_error"] <= 1 and iou.shape == (3,)
+    return [x["train_loss"] for x in losses]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_step_learns_on_cpu(precision):
+    losses = run("cpu", precision)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_step_learns_on_cuda(precision):
+    losses = run("cuda", precision)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_unknown_precision_is_a_clear_error():
+    with pytest.raises(ValueError, match="train.precision must be 'fp32' or 'bf16'"):
+        autocast(torch.device("cpu"), "fp16")
