@@ -112,5 +112,5 @@ class RunLogger:
         """summary.json; once the run has ended (finished or diverged) W&B is closed too."""
         write_json(self.run_dir / "summary.json", summary)
         if self.wandb is not None and summary["status"] != "running":
-            self.wandb.summary.update({k: v for k, v in summary.items() if k != "config"})
+            self.wandb.summary.update(summary)
             self.wandb.finish(exit_code=0 if summary["status"] == "finished" else 1)

@@ -66,10 +66,11 @@ class DeviceBatches:
         flips = torch.rand(n, generator=self.generator) < 0.5 if self.hflip else None
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
+            on_device = index.to(self.device)
             # NHWC uint8 -> NCHW float: the permuted view is channels_last, which convs like.
-            images = self.images[index.to(self.device)].permute(0, 3, 1, 2).float()
+            images = self.images[on_device].permute(0, 3, 1, 2).float()
             images = (images - self.mean) / self.std
-            labels = self.labels[index.to(self.device)].long()
+            labels = self.labels[on_device].long()
             if flips is not None:
                 flip = flips[index].to(self.device)
                 images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
