@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from deepcontrol.atomic import atomic_file
 from deepcontrol.data.io import IGNORE_INDEX
 from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.metrics import ConfusionMatrix
@@ -101,9 +101,8 @@ def save_checkpoint(
     state = {"model": model.state_dict(), **extra}
     if optimizer is not None and loader is not None:
         state.update(optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=_rng_state())
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(

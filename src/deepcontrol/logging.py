@@ -18,14 +18,9 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from deepcontrol.atomic import write_atomic
+
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from deepcontrol.atomic import write_atomic
 from deepcontrol.config import CONFIG_DIR
 from deepcontrol.data import build_data
 from deepcontrol.engine import evaluate, load_checkpoint, save_checkpoint, train_one_epoch
-from deepcontrol.logging import RunLogger, read_json, write_atomic
+from deepcontrol.logging import RunLogger, read_json
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import build_model
 

@@ -22,7 +22,6 @@ class Data:
     val: DeviceBatches
     class_names: tuple[str, ...]
     class_weights: torch.Tensor | None
-    manifest: dict
 
     @property
     def num_classes(self) -> int:
@@ -53,7 +52,7 @@ def build_data(data_cfg: DictConfig, device: torch.device, seed: int = 0) -> Dat
         raise ValueError(
             f"data.class_weights must be 'enet' or 'none', got {data_cfg.class_weights!r}"
         )
-    return Data(train, val, tuple(manifest["class_names"]), weights, manifest)
+    return Data(train, val, tuple(manifest["class_names"]), weights)
 
 
 __all__ = [

@@ -48,9 +48,9 @@ def map_labels(raw: np.ndarray, lut: np.ndarray, path: Path) -> np.ndarray:
     ``path``, the offending values and the expected label set.
     """
     values = np.unique(raw)
-    bad = values[(values < 0) | (values >= len(lut))]
-    in_range = values[(values >= 0) & (values < len(lut))]
-    bad = np.concatenate([bad, in_range[lut[in_range] == INVALID]])
+    known = (values >= 0) & (values < len(lut))
+    known[known] = lut[values[known]] != INVALID
+    bad = values[~known]
     if bad.size:
         expected = np.flatnonzero(lut != INVALID)
         raise DatasetError(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from deepcontrol.atomic import atomic_dir
 from deepcontrol.data.class_weights import enet_class_weights
 from deepcontrol.data.io import IGNORE_INDEX, DatasetError, map_labels, read_label_map, read_rgb
 from deepcontrol.data.registry import DatasetFormat, get_format
@@ -71,9 +71,6 @@ def prepare_cache(
     """
     root, cache_dir = Path(root).resolve(), Path(cache_dir)
     pairs = {split: fmt.list_pairs(root, split) for split in SPLITS}  # fail before any work
-    tmp = cache_dir.with_name(f".{cache_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     lut = fmt.label_lut()
     workers = workers or min(8, os.cpu_count() or 1)
     manifest = {
@@ -86,7 +83,8 @@ def prepare_cache(
         "ignore_index": IGNORE_INDEX,
         "splits": {},
     }
-    with ProcessPoolExecutor(workers) as pool:
+    # An existing cache is replaced: --force, or a concurrent prepare that finished first.
+    with atomic_dir(cache_dir) as tmp, ProcessPoolExecutor(workers) as pool:
         for split, split_pairs in pairs.items():
             n = len(split_pairs)
             images = np.lib.format.open_memmap(
@@ -116,10 +114,7 @@ def prepare_cache(
                     counts[: fmt.num_classes]
                 ).tolist()
             del images, labels
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if cache_dir.exists():  # a concurrent prepare won the race, or --force
-        shutil.rmtree(cache_dir)
-    tmp.rename(cache_dir)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -11,12 +11,12 @@ ids; instanceIds follow Cityscapes (``id*1000 + k`` for cars and people).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from deepcontrol.atomic import atomic_dir
 
 # Cityscapes label ids used by the generator, and a base colour for each (RGB).
 SKY, ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, PERSON, CAR, EGO = (
@@ -105,34 +105,27 @@ def write_synthetic_cityscapes(
     Written to a temporary sibling and renamed, so a half-written dataset never exists.
     """
     root = Path(root)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(seed)
-    for split, count in (("train", num_train), ("val", num_val)):
-        cities = CITIES[split]
-        for i in range(count):
-            city = cities[i % len(cities)]
-            stem = f"{city}_{i // len(cities):06d}_000019"
-            image, labels, instances = street_scene(rng, height, width)
-            image_dir = tmp / "leftImg8bit" / split / city
-            label_dir = tmp / "gtFine" / split / city
-            image_dir.mkdir(parents=True, exist_ok=True)
-            label_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(image_dir / f"{stem}_leftImg8bit.png")
-            Image.fromarray(labels).save(label_dir / f"{stem}_gtFine_labelIds.png")
-            Image.fromarray(instances).save(label_dir / f"{stem}_gtFine_instanceIds.png")
-    (tmp / "README.md").write_text(
-        f"Synthetic street scenes in the Cityscapes layout, written by "
-        f"deepcontrol.data.synthetic (seed {seed}, {num_train} train, {num_val} val, "
-        f"{width}x{height}). Not real data.\n"
-    )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not root.is_dir():
-            raise
+    # replace=False: if another process wrote it meanwhile, its copy is identical.
+    with atomic_dir(root, replace=False) as tmp:
+        for split, count in (("train", num_train), ("val", num_val)):
+            cities = CITIES[split]
+            for i in range(count):
+                city = cities[i % len(cities)]
+                stem = f"{city}_{i // len(cities):06d}_000019"
+                image, labels, instances = street_scene(rng, height, width)
+                image_dir = tmp / "leftImg8bit" / split / city
+                label_dir = tmp / "gtFine" / split / city
+                image_dir.mkdir(parents=True, exist_ok=True)
+                label_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(image_dir / f"{stem}_leftImg8bit.png")
+                Image.fromarray(labels).save(label_dir / f"{stem}_gtFine_labelIds.png")
+                Image.fromarray(instances).save(label_dir / f"{stem}_gtFine_instanceIds.png")
+        (tmp / "README.md").write_text(
+            f"Synthetic street scenes in the Cityscapes layout, written by "
+            f"deepcontrol.data.synthetic (seed {seed}, {num_train} train, {num_val} val, "
+            f"{width}x{height}). Not real data.\n"
+        )
     return root
 
 
