@@ -105,12 +105,40 @@ def test_loader_visits_every_sample_once_per_epoch():
 def test_loader_order_is_seeded_and_resumable():
     images = torch.zeros(20, 1, 1, 3, dtype=torch.uint8)
     labels = torch.arange(20, dtype=torch.uint8).view(20, 1, 1)
-    kwargs = dict(batch_size=20, mean=[0.0] * 3, std=[1.0] * 3, shuffle=True, seed=3)
+    kwargs = dict(batch_size=5, mean=[0.0] * 3, std=[1.0] * 3, shuffle=True, hflip=True, seed=3)
     a, b = DeviceBatches(images, labels, **kwargs), DeviceBatches(images, labels, **kwargs)
-    next(iter(a))
+    list(a)  # a whole epoch: the state is the next epoch's
     b.load_state_dict(a.state_dict())
-    assert torch.equal(next(iter(a))[1], next(iter(b))[1])
+    assert [y.tolist() for _, y in a] == [y.tolist() for _, y in b]
+    # stopped after two batches of an epoch: the resumed loader yields the other two
+    epoch = iter(a)
+    expected = [next(epoch)[1].tolist() for _ in range(4)]
+    epoch = iter(b)
+    next(epoch), next(epoch)
+    assert b.position == 2
+    c = DeviceBatches(images, labels, **kwargs)
+    c.load_state_dict(b.state_dict())
+    assert [y.tolist() for _, y in c] == expected[2:]
+    assert [y.tolist() for _, y in c][:2] != expected[:2]  # and the next epoch is a new order
     assert not torch.equal(next(iter(DeviceBatches(images, labels, **kwargs)))[1], labels.long())
+
+
+def test_processes_share_each_global_batch():
+    images = torch.zeros(11, 1, 1, 3, dtype=torch.uint8)
+    labels = torch.arange(11, dtype=torch.uint8).view(11, 1, 1)
+    kwargs = dict(batch_size=4, mean=[0.0] * 3, std=[1.0] * 3, shuffle=True, seed=1)
+    whole = [y.flatten().tolist() for _, y in DeviceBatches(images, labels, **kwargs)]
+    parts = [
+        [y.flatten().tolist() for _, y in DeviceBatches(images, labels, rank=r, world_size=2,
+                                                         **kwargs)]  # fmt: skip
+        for r in (0, 1)
+    ]
+    assert [p0 + p1 for p0, p1 in zip(*parts, strict=True)] == whole  # last batch: 2 + 1
+    # 4 processes: the last batch (3 samples) cannot give each a sample, and says so
+    four = DeviceBatches(images, labels, rank=3, world_size=4, **kwargs)
+    assert four.dropped_per_epoch == 3 and len(four) == 2
+    with pytest.raises(ValueError, match="global batch and must divide among 3 processes"):
+        DeviceBatches(images, labels, rank=0, world_size=3, **kwargs)
 
 
 # --- every bad input stops with a message naming the path and what was expected ------------

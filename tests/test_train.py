@@ -1,6 +1,8 @@
 """End to end: train(cfg) on the synthetic Cityscapes, determinism, resume, W&B offline, CLI."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ import torch
 from conftest import REPO, tiny_config
 
 from deepcontrol.logging import RunLogger
+from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.results import read_metrics
 from deepcontrol.train import train
 
@@ -54,20 +57,33 @@ def test_validation_error_falls(synthetic_root, cache, tmp_path, norm, lr):
     assert errors[-1] < errors[0] - 0.1, errors
 
 
-def test_same_seed_same_metrics_and_resume_matches(synthetic_root, cache, tmp_path, monkeypatch):
-    cfg = tiny_config(synthetic_root, cache, *SIZE, "norm=agc", "data.hflip=true")
+def test_same_seed_same_metrics_and_resume_after_sigterm_matches(
+    synthetic_root, cache, tmp_path, monkeypatch
+):
+    # batch 1: 16 steps an epoch, so the stop (checked every 10 steps) lands mid-epoch
+    cfg = tiny_config(synthetic_root, cache, *SIZE, "norm=agc", "data.hflip=true",
+                      "data.batch_size=1")  # fmt: skip
     train(cfg, tmp_path / "a")
     train(cfg, tmp_path / "b")
 
-    def killed(self, summary):  # the process dies right after epoch 1's checkpoint
-        raise KeyboardInterrupt
+    calls = []
+
+    def loss_then_sigterm(logits, labels, weights):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 19:  # epoch 2, step 3
+                os.kill(os.getpid(), signal.SIGTERM)
+        return pixel_cross_entropy(logits, labels, weights)
 
     with monkeypatch.context() as patch:
-        patch.setattr(RunLogger, "write_summary", killed)
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg, tmp_path / "c")
-    assert torch.load(tmp_path / "c" / "last.pt", weights_only=False)["epoch"] == 1
-    train(cfg, tmp_path / "c")  # the same command again
+        patch.setattr("deepcontrol.train.pixel_cross_entropy", loss_then_sigterm)
+        stopped = train(cfg, tmp_path / "c")
+    assert stopped["status"] == "interrupted" and stopped["signal"] == signal.SIGTERM
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["status"] == "interrupted"
+    state = torch.load(tmp_path / "c" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["loader"]["position"] == 10 and state["running"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is taken down
+    assert train(cfg, tmp_path / "c")["status"] == "finished"  # the same command again
 
     def comparable(run):  # NaN (IoU of a class never seen) compared as a string
         rows = read_metrics(run)
@@ -75,6 +91,26 @@ def test_same_seed_same_metrics_and_resume_matches(synthetic_root, cache, tmp_pa
 
     assert comparable(tmp_path / "a") == comparable(tmp_path / "b")
     assert comparable(tmp_path / "a") == comparable(tmp_path / "c")
+    assert "lambda_01" in read_metrics(tmp_path / "a")[0]  # λ per AGC layer, each epoch
+
+
+def test_a_crash_after_a_checkpoint_resumes(synthetic_root, cache, tmp_path, monkeypatch):
+    cfg = tiny_config(synthetic_root, cache, *SIZE)
+    train(cfg, tmp_path / "a")
+
+    def killed(self, summary):  # the process dies right after epoch 1's checkpoint
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunLogger, "write_summary", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "b")
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["epoch"] == 1
+    train(cfg, tmp_path / "b")
+    assert (tmp_path / "a" / "metrics.csv").read_text().count("\n") == 3
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "a")]
+    again = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "b")]
+    assert str(strip) == str(again)
 
 
 def test_finished_run_is_not_trained_again(synthetic_root, cache, tmp_path):

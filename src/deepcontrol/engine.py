@@ -15,6 +15,7 @@ from tqdm import tqdm
 from deepcontrol.atomic import atomic_file
 from deepcontrol.data.io import IGNORE_INDEX
 from deepcontrol.data.loader import DeviceBatches
+from deepcontrol.distributed import all_reduce_sum
 from deepcontrol.metrics import ConfusionMatrix
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,29 +36,49 @@ def train_one_epoch(
     precision: str = "fp32",
     progress: bool = False,
     description: str = "",
-) -> dict[str, float]:
-    """One pass over ``batches``; returns the pixel-weighted mean training loss.
+    stop: Callable[[], bool] = lambda: False,
+    running: dict | None = None,
+) -> dict:
+    """One pass over ``batches`` (the rest of it after a mid-epoch resume).
 
-    Stops early, returning a non-finite loss, as soon as the loss stops being finite.
+    Returns ``{"train_loss": ...}``, the pixel-weighted mean loss, which is non-finite as
+    soon as the loss stops being finite. When ``stop()`` turns true (a signal) it returns
+    ``{"interrupted": True, "running": ...}`` instead, the partial sums a checkpoint keeps so
+    that ``running`` resumes the epoch exactly. Under DDP the loss of each process is scaled
+    so that the summed gradients are those of the global batch's pixel mean.
     """
     model.train()
-    total = torch.zeros((), dtype=torch.float64, device=batches.device)
-    pixels = torch.zeros((), dtype=torch.int64, device=batches.device)
-    bar = tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch")
-    for step, (images, labels) in enumerate(bar):
+    running = running or {"total": 0.0, "pixels": 0}
+    total = torch.tensor(running["total"], dtype=torch.float64, device=batches.device)
+    pixels = torch.tensor(running["pixels"], dtype=torch.int64, device=batches.device)
+    world = batches.world_size
+    bar = tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch",
+               initial=batches.position, total=len(batches))  # fmt: skip
+    for images, labels in bar:
         with autocast(batches.device, precision):
             loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
         valid = (labels != IGNORE_INDEX).sum()
+        scaled = loss
+        if world > 1:  # DDP averages gradients over processes; undo that, weigh by pixels
+            scaled = loss * (valid * world / all_reduce_sum(valid.clone()).clamp(min=1))
+        optimizer.zero_grad(set_to_none=True)
+        scaled.backward()
+        optimizer.step()
         total += loss.detach() * valid
         pixels += valid
-        if step % 10 == 0 or step == len(batches) - 1:  # a host sync only every few steps
-            current = loss.item()
-            bar.set_postfix(loss=f"{current:.4f}")
-            if not math.isfinite(current):
-                return {"train_loss": current}
+        step = batches.position
+        if step % 10 == 0 or step == len(batches):  # a host sync only every few steps
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                                 torch.tensor(float(stop()), device=batches.device)])  # fmt: skip
+            diverged, stopping = (all_reduce_sum(flags) > 0).tolist()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if diverged:
+                return {"train_loss": math.nan}
+            if stopping:
+                partial = {"total": total.item(), "pixels": int(pixels.item())}
+                return {"interrupted": True, "running": partial}
+    all_reduce_sum(total)
+    all_reduce_sum(pixels)
     return {"train_loss": float(total / pixels.clamp(min=1))}
 
 
@@ -65,7 +86,10 @@ def train_one_epoch(
 def evaluate(
     model: nn.Module, batches: DeviceBatches, loss_fn: LossFn, num_classes: int, precision: str
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Validation loss (over all valid pixels), pixel error and mIoU; also per-class IoU."""
+    """Validation loss (over all valid pixels), pixel error and mIoU; also per-class IoU.
+
+    Under DDP each process evaluates its own part of the split and the sums are combined.
+    """
     model.eval()
     confusion = ConfusionMatrix(num_classes, batches.device)
     total = torch.zeros((), dtype=torch.float64, device=batches.device)
@@ -77,6 +101,8 @@ def evaluate(
         total += loss_fn(logits, labels) * valid
         pixels += valid
         confusion.update(logits.argmax(1), labels)
+    for tensor in (total, pixels, confusion.counts):  # each process evaluated its own part
+        all_reduce_sum(tensor)
     metrics = {
         "val_loss": float(total / pixels.clamp(min=1)),
         "val_pixel_error": confusion.pixel_error(),

@@ -54,13 +54,20 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 class RunLogger:
-    """Writes one row per epoch to ``metrics.csv`` (rewritten whole, atomically) and W&B."""
+    """Writes one row per epoch to ``metrics.csv`` (rewritten whole, atomically) and W&B.
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, history: list[dict] | None = None) -> None:
+    Every process keeps the history; only the one with ``enabled`` (rank 0) writes.
+    """
+
+    def __init__(
+        self, run_dir: Path, cfg: DictConfig, history: list[dict] | None = None,
+        enabled: bool = True,
+    ) -> None:  # fmt: skip
         self.run_dir = run_dir
         self.history = list(history or [])
+        self.enabled = enabled
         self.wandb = None
-        if cfg.logger.name == "wandb":
+        if enabled and cfg.logger.name == "wandb":
             mode = resolve_wandb_mode(cfg.logger.mode)
             if mode != "disabled":
                 self.wandb = self._start_wandb(cfg, mode)
@@ -95,6 +102,8 @@ class RunLogger:
 
     def log_epoch(self, row: dict[str, float]) -> None:
         self.history.append(row)
+        if not self.enabled:
+            return
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(row), lineterminator="\n")
         writer.writeheader()
@@ -104,7 +113,10 @@ class RunLogger:
             self.wandb.log({k: v for k, v in row.items() if not math.isnan(v)})
 
     def write_summary(self, summary: dict) -> None:
-        """summary.json; once the run has ended (finished or diverged) W&B is closed too."""
+        """summary.json; once the run has stopped (finished, diverged, interrupted) W&B is
+        closed too."""
+        if not self.enabled:
+            return
         write_json(self.run_dir / "summary.json", summary)
         if self.wandb is not None and summary["status"] != "running":
             self.wandb.summary.update(summary)

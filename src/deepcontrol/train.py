@@ -6,10 +6,15 @@ is built elsewhere. ``train(cfg, output_dir)`` runs without Hydra's decorator.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -19,11 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepcontrol.atomic import write_atomic
 from deepcontrol.config import CONFIG_DIR
-from deepcontrol.data import build_data
+from deepcontrol.data import build_data, ensure_cache
+from deepcontrol.distributed import broadcast_buffers, init_distributed, unwrap, wrap_model
 from deepcontrol.engine import evaluate, load_checkpoint, save_checkpoint, train_one_epoch
 from deepcontrol.logging import RunLogger, read_json
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import build_model
+from deepcontrol.nn import agc_mean_scales
 
 log = logging.getLogger("deepcontrol")
 
@@ -57,6 +64,30 @@ def seed_everything(seed: int) -> None:
 
 # Settings that may change between a run and its resumption without changing the run.
 RESUMABLE_CHANGES = ("device", "logger", "train.progress", "train.resume")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """While inside, SIGTERM and SIGINT set the yielded event instead of killing the process,
+    so training can checkpoint and return (a SLURM preemption, a ``kill``, Ctrl-C)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event  # signal handlers can only be installed from the main thread
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        log.info(f"{signal.Signals(signum).name}: checkpointing, then stopping")
+        event.signum = signum
+        event.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield event
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -94,12 +125,13 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
     """Train one configuration into ``output_dir``; returns its summary.
 
     With ``train.resume`` a finished run is returned as it is and an unfinished one goes
-    on from ``last.pt``.
+    on from ``last.pt``. SIGTERM or SIGINT checkpoints mid-epoch and returns with status
+    ``interrupted``. Under ``torchrun`` the processes share the run (DDP); rank 0 alone
+    writes.
     """
     if not logging.getLogger().handlers:  # called outside Hydra, which sets logging up
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = Path(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.train.resume:
         check_same_run(run_dir, resolved)
@@ -109,8 +141,13 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
             return previous
 
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = build_data(cfg.data, device, seed=cfg.seed)
+    place, device = init_distributed(resolve_device(cfg.device))
+    if place.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_cache(cfg.data)  # once, before the other processes read it
+    if place.enabled:
+        torch.distributed.barrier()
+    data = build_data(cfg.data, device, cfg.seed, place.rank, place.world_size)
     model = build_model(cfg, data.num_classes).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -120,69 +157,99 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return pixel_cross_entropy(logits, labels, weights)
 
-    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     start_epoch, history, best = 0, [], {"val_pixel_error": math.inf, "epoch": None}
+    running = None  # the partial sums of an epoch interrupted midway
     last, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if cfg.train.resume and last.is_file():
         state = load_checkpoint(last, model, optimizer, data.train, device)
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        log.info(f"resuming {run_dir} after epoch {start_epoch}")
+        running = state.get("running")
+        where = f" and {data.train.state_dict()['position']} steps" if running else ""
+        log.info(f"resuming {run_dir} after epoch {start_epoch}{where}")
+    model = wrap_model(model, place, cfg.norm.sync)
 
-    num_parameters = sum(p.numel() for p in model.parameters())
+    samples_per_epoch = data.train.num_samples - data.train.dropped_per_epoch
     facts = {
         "lr": cfg.optim.lr,
         "batch_size": cfg.data.batch_size,
-        "num_parameters": num_parameters,
+        "batch_size_per_process": cfg.data.batch_size // place.world_size,
+        "world_size": place.world_size,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_samples": data.train.num_samples,
-        "val_samples": data.val.num_samples,
+        "val_samples": data.val_samples,
         "class_weights": None if weights is None else data.class_weights.tolist(),
         "device": str(device),
         "torch": torch.__version__,
     }
-    logger = RunLogger(run_dir, cfg, history)
+    if data.train.dropped_per_epoch:
+        log.warning(
+            f"the last batch of each epoch ({data.train.dropped_per_epoch} samples) cannot give "
+            f"each of {place.world_size} processes a sample and is left out"
+        )
+    logger = RunLogger(run_dir, cfg, history, enabled=place.is_main)
+    if place.is_main:
+        write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     logger.log_config(facts)
     log.info(
-        f"{cfg.run_name}: {num_parameters:,} parameters, lr {cfg.optim.lr}, batch "
-        f"{cfg.data.batch_size}, {data.train.num_samples} train / {data.val.num_samples} val "
+        f"{cfg.run_name}: {facts['num_parameters']:,} parameters, lr {cfg.optim.lr}, batch "
+        f"{cfg.data.batch_size} ({facts['batch_size_per_process']} per process x "
+        f"{place.world_size}), {data.train.num_samples} train / {facts['val_samples']} val "
         f"images on {device}; outputs in {run_dir}"
     )
     summary = {"status": "running", "run_dir": str(run_dir), **facts}
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        started = time.perf_counter()
-        stats = train_one_epoch(
-            model, data.train, optimizer, loss_fn, cfg.train.precision, cfg.train.progress,
-            description=f"epoch {epoch}/{cfg.epochs}",
-        )  # fmt: skip
-        if not math.isfinite(stats["train_loss"]):
-            log.info(f"epoch {epoch}: loss is {stats['train_loss']}, run diverged")
-            summary.update(status="diverged", diverged_epoch=epoch)
-            break
-        metrics, iou = evaluate(model, data.val, loss_fn, data.num_classes, cfg.train.precision)
-        row = {
-            "epoch": epoch,
-            "samples_seen": epoch * data.train.num_samples,
-            **stats,
-            **metrics,
-            **{f"iou_{name}": float(v) for name, v in zip(data.class_names, iou, strict=True)},
-            "lr": cfg.optim.lr,
-            "seconds": time.perf_counter() - started,
-        }
-        logger.log_epoch(row)
-        if metrics["val_pixel_error"] < best["val_pixel_error"]:
-            best = {"val_pixel_error": metrics["val_pixel_error"], "epoch": epoch}
-        state = {"epoch": epoch, "history": logger.history, "best": best, "config": resolved}
-        save_checkpoint(last, model, state, optimizer, data.train)
-        if best["epoch"] == epoch:  # weights only: best.pt is for evaluation, last.pt resumes
-            save_checkpoint(best_path, model, state)
-        log.info(
-            f"epoch {epoch:3d}/{cfg.epochs}  train loss {stats['train_loss']:.4f}  "
-            f"val loss {metrics['val_loss']:.4f}  val pixel error {metrics['val_pixel_error']:.4f}"
-            f"  mIoU {metrics['val_miou']:.4f}  ({row['seconds']:.1f} s)"
-        )
-        summary.update(_results(logger.history, best))
-        logger.write_summary(summary)
-    else:
-        summary["status"] = "finished"
+    with stop_on_signals() as stop:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            started = time.perf_counter()
+            stats = train_one_epoch(
+                model, data.train, optimizer, loss_fn, cfg.train.precision,
+                cfg.train.progress and place.is_main, f"epoch {epoch}/{cfg.epochs}",
+                stop=stop.is_set, running=running,
+            )  # fmt: skip
+            running = None
+            if stats.get("interrupted"):
+                state = {"epoch": epoch - 1, "history": logger.history, "best": best,
+                         "config": resolved, "running": stats["running"]}  # fmt: skip
+                if place.is_main:
+                    save_checkpoint(last, unwrap(model), state, optimizer, data.train)
+                log.info(f"stopped in epoch {epoch}; the same command resumes from {last}")
+                summary.update(status="interrupted", signal=getattr(stop, "signum", None))
+                break
+            if not math.isfinite(stats["train_loss"]):
+                log.info(f"epoch {epoch}: loss is {stats['train_loss']}, run diverged")
+                summary.update(status="diverged", diverged_epoch=epoch)
+                break
+            broadcast_buffers(model)
+            metrics, iou = evaluate(
+                unwrap(model), data.val, loss_fn, data.num_classes, cfg.train.precision
+            )
+            lambdas = agc_mean_scales(model)
+            row = {
+                "epoch": epoch,
+                "samples_seen": epoch * samples_per_epoch,
+                **stats,
+                **metrics,
+                **{f"iou_{name}": float(v) for name, v in zip(data.class_names, iou, strict=True)},
+                **{f"lambda_{depth:02d}": value for depth, value in enumerate(lambdas, 1)},
+                "lr": cfg.optim.lr,
+                "seconds": time.perf_counter() - started,
+            }
+            logger.log_epoch(row)
+            if metrics["val_pixel_error"] < best["val_pixel_error"]:
+                best = {"val_pixel_error": metrics["val_pixel_error"], "epoch": epoch}
+            state = {"epoch": epoch, "history": logger.history, "best": best, "config": resolved}
+            if place.is_main:
+                save_checkpoint(last, unwrap(model), state, optimizer, data.train)
+                if best["epoch"] == epoch:  # weights only: best.pt evaluates, last.pt resumes
+                    save_checkpoint(best_path, unwrap(model), state)
+            log.info(
+                f"epoch {epoch:3d}/{cfg.epochs}  train loss {stats['train_loss']:.4f}  val loss "
+                f"{metrics['val_loss']:.4f}  val pixel error {metrics['val_pixel_error']:.4f}  "
+                f"mIoU {metrics['val_miou']:.4f}  ({row['seconds']:.1f} s)"
+            )
+            summary.update(_results(logger.history, best))
+            logger.write_summary(summary)
+        else:
+            summary["status"] = "finished"
     summary.update(_results(logger.history, best))
     logger.write_summary(summary)
     return summary
@@ -207,7 +274,9 @@ def _results(history: list[dict], best: dict) -> dict:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    train(cfg, HydraConfig.get().runtime.output_dir)
+    summary = train(cfg, HydraConfig.get().runtime.output_dir)
+    if summary["status"] == "interrupted":  # a stopped sweep must not start its next run
+        sys.exit(128 + (summary.get("signal") or signal.SIGTERM))
 
 
 if __name__ == "__main__":

@@ -19,17 +19,24 @@ class Data:
     """What training needs from a dataset: its two loaders, classes and class weights."""
 
     train: DeviceBatches
-    val: DeviceBatches
+    val: DeviceBatches  # this process's part of the validation split
     class_names: tuple[str, ...]
     class_weights: torch.Tensor | None
+    val_samples: int  # the whole validation split, over all processes
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def build_data(data_cfg: DictConfig, device: torch.device, seed: int = 0) -> Data:
-    """Loaders for the data config (built from its cache, which is made if missing)."""
+def build_data(
+    data_cfg: DictConfig, device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> Data:
+    """Loaders for the data config (built from its cache, which is made if missing).
+
+    ``data.batch_size`` is the global batch: with ``world_size`` processes each takes its
+    share of every training batch and evaluates every ``world_size``-th validation sample.
+    """
     cache_dir, manifest = ensure_cache(data_cfg)
     if data_cfg.input_norm == "mean":
         std = [1.0, 1.0, 1.0]  # pixel units: see configs/data/cityscapes.yaml
@@ -39,11 +46,15 @@ def build_data(data_cfg: DictConfig, device: torch.device, seed: int = 0) -> Dat
         raise ValueError(
             f"data.input_norm must be 'mean' or 'standard', got {data_cfg.input_norm!r}"
         )
-    common = dict(batch_size=data_cfg.batch_size, mean=manifest["mean"], std=std, device=device)
+    common = dict(mean=manifest["mean"], std=std, device=device)
     train = DeviceBatches.from_cache(
-        cache_dir, "train", shuffle=True, hflip=data_cfg.hflip, seed=seed, **common
+        cache_dir, "train", batch_size=data_cfg.batch_size, shuffle=True, hflip=data_cfg.hflip,
+        seed=seed, rank=rank, world_size=world_size, **common,
+    )  # fmt: skip
+    per_process = max(1, data_cfg.batch_size // world_size)
+    val = DeviceBatches.from_cache(
+        cache_dir, "val", part=(rank, world_size), batch_size=per_process, **common
     )
-    val = DeviceBatches.from_cache(cache_dir, "val", **common)
     if data_cfg.class_weights == "enet":
         weights = torch.tensor(manifest["enet_class_weights"])
     elif data_cfg.class_weights == "none":
@@ -52,7 +63,8 @@ def build_data(data_cfg: DictConfig, device: torch.device, seed: int = 0) -> Dat
         raise ValueError(
             f"data.class_weights must be 'enet' or 'none', got {data_cfg.class_weights!r}"
         )
-    return Data(train, val, tuple(manifest["class_names"]), weights)
+    val_samples = manifest["splits"]["val"]["num_images"]
+    return Data(train, val, tuple(manifest["class_names"]), weights, val_samples)
 
 
 __all__ = [

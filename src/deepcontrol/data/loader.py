@@ -18,9 +18,16 @@ class DeviceBatches:
     """Iterates over one cached split in batches of (normalised float images, long labels).
 
     ``mean`` and ``std`` are per channel, in pixel units (0..255).
-    ``shuffle`` draws a new order each epoch from a seeded generator whose state is part
-    of ``state_dict`` (for exact resume). ``hflip`` mirrors each sample with probability 1/2.
-    The last batch may be smaller, so every sample is seen exactly once per epoch.
+    ``shuffle`` draws a new order each epoch from a seeded generator. ``hflip`` mirrors each
+    sample with probability 1/2. The last batch may be smaller, so every sample is seen
+    exactly once per epoch. ``state_dict`` holds the generator as it was when the epoch
+    began and the batches consumed since, so a run stopped mid-epoch resumes on the very
+    next batch.
+
+    Under DistributedDataParallel each of ``world_size`` processes draws the same global
+    batch of ``batch_size`` and keeps its ``rank``-th share, so the optimiser sees the same
+    samples per step as a single process would. A last batch too small to give every
+    process a sample is left out (``dropped_per_epoch`` says how many samples).
     """
 
     def __init__(
@@ -34,9 +41,16 @@ class DeviceBatches:
         hflip: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size={batch_size} is the global batch and must divide among "
+                f"{world_size} processes"
+            )
         self.device = torch.device(device)
         self.images = images.to(self.device)  # (N, H, W, 3) uint8
         self.labels = labels.to(self.device)  # (N, H, W) uint8
@@ -46,26 +60,43 @@ class DeviceBatches:
         self.generator = torch.Generator().manual_seed(seed)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.rank, self.world_size = rank, world_size
+        self._resume_at = 0  # batches of the current epoch already consumed (after a resume)
+        self._epoch = None  # (generator state at the epoch's start, batches consumed)
 
     @classmethod
-    def from_cache(cls, cache_dir: Path, split: str, **kwargs) -> DeviceBatches:
-        images = torch.from_numpy(np.load(Path(cache_dir) / f"{split}_images.npy"))
-        labels = torch.from_numpy(np.load(Path(cache_dir) / f"{split}_labels.npy"))
-        return cls(images, labels, **kwargs)
+    def from_cache(
+        cls, cache_dir: Path, split: str, part: tuple[int, int] = (0, 1), **kwargs
+    ) -> DeviceBatches:
+        """The cached ``split``; ``part=(i, n)`` keeps every n-th sample from the i-th, so n
+        processes evaluating their parts see each sample exactly once."""
+        i, n = part
+        images = np.load(Path(cache_dir) / f"{split}_images.npy", mmap_mode="r")[i::n]
+        labels = np.load(Path(cache_dir) / f"{split}_labels.npy", mmap_mode="r")[i::n]
+        return cls(torch.from_numpy(np.array(images)),
+                   torch.from_numpy(np.array(labels)), **kwargs)  # fmt: skip
 
     @property
     def num_samples(self) -> int:
         return len(self.images)
 
+    @property
+    def dropped_per_epoch(self) -> int:
+        last = self.num_samples % self.batch_size
+        return last if 0 < last < self.world_size else 0
+
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return -(-(self.num_samples - self.dropped_per_epoch) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.num_samples
+        n, start_state = self.num_samples, self.generator.get_state()
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         flips = torch.rand(n, generator=self.generator) < 0.5 if self.hflip else None
-        for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size]
+        skip, self._resume_at = self._resume_at, 0
+        for step in range(skip, len(self)):
+            index = order[step * self.batch_size : (step + 1) * self.batch_size]
+            index = index.tensor_split(self.world_size)[self.rank]
+            self._epoch = (start_state, step + 1)
             on_device = index.to(self.device)
             # NHWC uint8 -> NCHW float: the permuted view is channels_last, which convs like.
             images = self.images[on_device].permute(0, 3, 1, 2).float()
@@ -76,9 +107,19 @@ class DeviceBatches:
                 images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
                 labels = torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels)
             yield images, labels
+        self._epoch = None
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch consumed so far (0 between epochs)."""
+        return 0 if self._epoch is None else self._epoch[1]
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        if self._epoch is None:
+            return {"generator": self.generator.get_state(), "position": 0}
+        start_state, position = self._epoch
+        return {"generator": start_state, "position": position}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self._resume_at = state.get("position", 0)

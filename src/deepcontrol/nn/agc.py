@@ -46,3 +46,15 @@ class AutoGainControl2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, mean_scale_init={self.mean_scale_init}"
+
+
+def agc_mean_scales(model: nn.Module) -> list[float]:
+    """Mean λ over channels of every AGC layer, in forward order.
+
+    The paper reports λ ranging over 0..2 with depth and asks for it graphed per layer.
+    """
+    return [
+        float(m.mean_scale.detach().float().mean())
+        for m in model.modules()
+        if isinstance(m, AutoGainControl2d)
+    ]
