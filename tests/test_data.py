@@ -129,8 +129,10 @@ def test_processes_share_each_global_batch():
     kwargs = dict(batch_size=4, mean=[0.0] * 3, std=[1.0] * 3, shuffle=True, seed=1)
     whole = [y.flatten().tolist() for _, y in DeviceBatches(images, labels, **kwargs)]
     parts = [
-        [y.flatten().tolist() for _, y in DeviceBatches(images, labels, rank=r, world_size=2,
-                                                         **kwargs)]  # fmt: skip
+        [
+            y.flatten().tolist()
+            for _, y in DeviceBatches(images, labels, rank=r, world_size=2, **kwargs)
+        ]  # fmt: skip
         for r in (0, 1)
     ]
     assert [p0 + p1 for p0, p1 in zip(*parts, strict=True)] == whole  # last batch: 2 + 1

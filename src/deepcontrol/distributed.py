@@ -69,10 +69,14 @@ def wrap_model(model: nn.Module, place: Dist, sync_norm: bool) -> nn.Module:
     """
     if not place.enabled:
         return model
+    on_gpu = next(model.parameters()).is_cuda
     if sync_norm:
+        if not on_gpu:
+            raise ValueError("norm.sync=true needs CUDA: PyTorch's SyncBatchNorm is GPU-only")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device_ids = [place.local_rank] if next(model.parameters()).is_cuda else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[place.local_rank] if on_gpu else None
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
