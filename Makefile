@@ -1,9 +1,21 @@
-# deepcontrol: make demo | make test | make lint
+# deepcontrol: make demo | make test | make lint | make reproduce-fig1 | make fig1-smoke
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean reproduce-fig1 fig1-smoke
+
+# make reproduce-fig1 [DATA=cityscapes|camvid] [ARGS="epochs=30 ..."] [LAUNCHER=gpu_pool|basic|slurm]
+DATA ?= cityscapes
+ARGS ?=
+LAUNCHER ?= gpu_pool
+RESULTS ?= results/$(DATA)
+# make fig1-smoke: the same pipeline on a tiny synthetic Cityscapes, on the CPU, in minutes
+SMOKE_OUT ?= outputs/fig1-smoke
+SMOKE_RESULTS ?= results/smoke
+SMOKE_ARGS := data=synthetic data.root=$(SMOKE_OUT)/data data.cache_dir=$(SMOKE_OUT)/cache \
+	data.synthetic.num_train=8 data.synthetic.num_val=4 data.height=32 data.width=64 \
+	epochs=3 device=cpu logger=none train.progress=false
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +29,21 @@ install: $(BIN)/.installed
 demo: install
 	WANDB_SILENT=true $(BIN)/deepcontrol-train --multirun experiment=demo norm=bn,agc
 	$(BIN)/python scripts/compare_runs.py --latest outputs/demo
+
+# Every run of Figure 1 (each once; finished runs are skipped, unfinished ones resume), then
+# runs.csv, the figure, the λ figure and the table in $(RESULTS). The cache is checked first.
+reproduce-fig1: install
+	$(BIN)/deepcontrol-prepare data=$(DATA) $(ARGS)
+	$(BIN)/deepcontrol-train --multirun experiment=fig1 data=$(DATA) $(ARGS) \
+		hydra/launcher=$(LAUNCHER)
+	$(BIN)/python scripts/collect_results.py outputs/$(DATA) $(RESULTS)
+	$(BIN)/python scripts/plot_fig1.py $(RESULTS) data=$(DATA) $(ARGS)
+
+fig1-smoke: install
+	$(BIN)/deepcontrol-train --multirun experiment=fig1 $(SMOKE_ARGS) \
+		hydra.sweep.dir=$(SMOKE_OUT)/runs
+	$(BIN)/python scripts/collect_results.py $(SMOKE_OUT)/runs $(SMOKE_RESULTS)
+	$(BIN)/python scripts/plot_fig1.py $(SMOKE_RESULTS) $(SMOKE_ARGS)
 
 test: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q

@@ -1,9 +1,20 @@
-"""Reading finished runs back from their directories (never from W&B)."""
+"""Reading runs back from their directories (never from W&B) and gathering them in a table."""
 
 from __future__ import annotations
 
 import csv
+import io
+import json
+import math
 from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from deepcontrol.atomic import write_atomic
+
+# The settings that name a run, then its outcome; metrics.csv's columns follow in runs.csv.
+RUN_COLUMNS = ("run_name", "model", "norm", "data", "batch_size", "lr", "seed", "epochs",
+               "status", "diverged_epoch", "run_dir")  # fmt: skip
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -27,3 +38,79 @@ def comparison_table(run_dirs: list[Path], column: str = "val_pixel_error") -> s
         )
         lines.append(f"{epoch:5d}  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def run_record(run_dir: Path) -> dict:
+    """A run's settings and outcome, from its config.yaml and summary.json."""
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return {
+        "run_name": cfg.run_name,
+        "model": cfg.model.name,
+        "norm": cfg.norm.name,
+        "data": cfg.data.name,
+        "batch_size": cfg.data.batch_size,
+        "lr": cfg.optim.lr,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "status": summary.get("status", "not started"),
+        "diverged_epoch": summary.get("diverged_epoch"),
+        "run_dir": str(run_dir),
+    }
+
+
+def collect_runs(outputs: Path) -> list[dict]:
+    """One row per epoch of every run under ``outputs`` (any depth), settings first.
+
+    A run without a finished epoch (diverged in its first) still gets one row, so that it
+    is not lost from the table.
+    """
+    rows = []
+    for config in sorted(Path(outputs).rglob("config.yaml")):
+        run_dir = config.parent
+        if config.parent.name == ".hydra":
+            continue
+        record = run_record(run_dir)
+        metrics = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
+        rows += [{**record, **row} for row in metrics] or [record]
+    if not rows:
+        raise FileNotFoundError(f"{outputs}: no run directories (config.yaml) found")
+    return rows
+
+
+def write_runs_csv(rows: list[dict], path: Path) -> None:
+    """``rows`` as CSV, columns in first-seen order, blanks where a run lacks a column."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), buffer.getvalue())
+
+
+def read_runs_csv(path: Path) -> dict[str, list[dict]]:
+    """runs.csv grouped by run name; numbers as floats, blanks as NaN, epochs in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no runs.csv; run scripts/collect_results.py first")
+    runs: dict[str, list[dict]] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            runs.setdefault(row["run_name"], []).append(
+                {k: _number(v) if k not in RUN_COLUMNS[:4] else v for k, v in row.items()}
+            )
+    for rows in runs.values():
+        rows.sort(key=lambda r: -1 if math.isnan(r.get("epoch", math.nan)) else r["epoch"])
+    return runs
+
+
+def _number(text: str) -> float | str:
+    if text == "":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        return text

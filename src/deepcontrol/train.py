@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -179,6 +180,7 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
         "val_samples": data.val_samples,
         "class_weights": None if weights is None else data.class_weights.tolist(),
         "device": str(device),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__,
     }
     if data.train.dropped_per_epoch:

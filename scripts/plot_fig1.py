@@ -1,0 +1,40 @@
+"""Draw Figure 1's eight panels, the λ figure and the results table from runs.csv.
+
+python scripts/plot_fig1.py results/cityscapes [OVERRIDES ...]
+    OVERRIDES are those of the training command (e.g. data=camvid epochs=30), so that each
+    panel finds its runs by name. Writes fig1.png/.pdf, lambda.png/.pdf and fig1_table.md
+    next to runs.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from deepcontrol.figure1 import draw_figure1, draw_lambda, write_table
+from deepcontrol.results import read_runs_csv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="folder holding runs.csv")
+    parser.add_argument("overrides", nargs="*", help="the training command's overrides")
+    args = parser.parse_args()
+    runs = read_runs_csv(args.results / "runs.csv")
+    membership = draw_figure1(runs, args.overrides, args.results)
+    header = (f"# Figure 1: validation error per run ({args.results / 'runs.csv'}; overrides: "
+              f"{' '.join(args.overrides) or 'none'})")  # fmt: skip
+    write_table(runs, membership, args.results, header)
+    drew_lambda = draw_lambda(runs, args.results)
+    for letter, names in membership.items():
+        found = "; ".join(n if n in runs else f"{n} (not yet run)" for n in names) \
+            if isinstance(names, list) else names  # fmt: skip
+        print(f"({letter}) {found}")
+    print(
+        f"wrote {args.results}/fig1.png, fig1.pdf, fig1_table.md"
+        + (", lambda.png, lambda.pdf" if drew_lambda else " (no AGC run: no λ figure)")
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Figure 1 of the paper: its panels, the paper's numbers, and the figure, λ plot and table.
+
+Which runs a panel holds is read from its experiment config (``configs/experiment/fig1X.yaml``),
+the same sweep that trains them; a panel's runs are found in runs.csv by run name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from deepcontrol.atomic import atomic_file, write_atomic  # noqa: E402
+from deepcontrol.config import compose  # noqa: E402
+from deepcontrol.sweeps import experiment_jobs  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Panel:
+    letter: str
+    title: str
+    metric: str  # val_pixel_error | val_loss
+    vary: tuple[str, ...]  # the settings that tell its curves apart (legend)
+
+    @property
+    def experiment(self) -> str:
+        return f"fig1{self.letter}"
+
+
+PANELS = (
+    Panel("a", "BN, SegNet, batch 1/4/8, lr 0.02×batch", "val_pixel_error", ("batch", "lr")),
+    Panel("b", "AGC, SegNet, batch 1/4/8, lr 0.02×batch", "val_pixel_error", ("batch", "lr")),
+    Panel("c", "AGC vs BN, SegNet, batch 4, lr 0.08", "val_pixel_error", ("norm",)),
+    Panel("d", "AGC vs BN, ClassNet, batch 4, lr 0.08", "val_pixel_error", ("norm",)),
+    Panel("e", "AGC vs BN, SegNet, batch 4, lr 0.08", "val_loss", ("norm",)),
+    Panel("f", "AGC vs BN, ClassNet, batch 4, lr 0.08", "val_loss", ("norm",)),
+    Panel("g", "BN, SegNet, batch 8", "val_pixel_error", ("lr",)),
+    Panel("h", "AGC, SegNet, batch 8", "val_pixel_error", ("lr",)),
+)
+
+# Final validation pixel errors the paper reports (Cityscapes 256×512, batch 4, lr 0.08).
+PAPER_FINAL_ERROR = {
+    ("segnet", "agc"): 0.0973,
+    ("segnet", "bn"): 0.0957,
+    ("classnet", "agc"): 0.0534,
+    ("classnet", "bn"): 0.0553,
+}
+PAPER_CLAIMS = (
+    "SegNet: AGC 9.73% vs BN 9.57% final error; ClassNet: AGC 5.34% vs BN 5.53%.",
+    "BN at batch 1 is about 2% (absolute) worse than at batch 4 and 8 throughout training.",
+    "AGC follows the same curve at every batch size once lr is scaled with the batch.",
+)
+METRIC_LABEL = {"val_pixel_error": "validation pixel error (%)", "val_loss": "validation loss"}
+
+
+def panel_run_names(panel: Panel, overrides: list[str]) -> list[str] | str:
+    """The run names of ``panel`` under ``overrides`` (those of the training command), or
+    the reason they cannot be composed (e.g. a model that is not built yet)."""
+    try:
+        return [compose(job).run_name for job in experiment_jobs(panel.experiment, overrides)]
+    except Exception as error:  # noqa: BLE001 - a panel that cannot compose is drawn as such
+        reason = str(error).splitlines()[0]
+        return f"not yet run: {reason}"
+
+
+def _curve_label(rows: list[dict], vary: tuple[str, ...]) -> str:
+    first = rows[0]
+    parts = {
+        "norm": str(first["norm"]).upper(),
+        "batch": f"batch {first['batch_size']:g}",
+        "lr": f"lr {first['lr']:g}",
+    }
+    return ", ".join(parts[key] for key in vary)
+
+
+def draw_panel(ax: plt.Axes, panel: Panel, names: list[str] | str, runs: dict) -> None:
+    ax.set_title(f"({panel.letter}) {panel.title}", fontsize=9, loc="left")
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel(METRIC_LABEL[panel.metric], fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if isinstance(names, str):
+        ax.text(0.5, 0.5, names.replace(": ", ":\n", 1), ha="center", va="center",
+                transform=ax.transAxes, fontsize=8, wrap=True)  # fmt: skip
+        return
+    scale = 100 if panel.metric == "val_pixel_error" else 1
+    missing = []
+    for name in names:
+        rows = runs.get(name)
+        if not rows:
+            missing.append(name)
+            continue
+        done = [r for r in rows if not math.isnan(r.get("epoch", math.nan))]
+        label = _curve_label(rows, panel.vary)
+        status = rows[0]["status"]
+        if status == "diverged":
+            label += f" (diverged at epoch {rows[0]['diverged_epoch']:g})"
+        elif status != "finished":
+            label += f" ({status})"
+        (line,) = ax.plot([r["epoch"] for r in done], [r[panel.metric] * scale for r in done], "-o",
+                          label=label, lw=1.2, ms=2)  # fmt: skip
+        if status == "diverged":
+            y = done[-1][panel.metric] * scale if done else ax.get_ylim()[1]
+            ax.plot([rows[0]["diverged_epoch"]], [y], "x", color=line.get_color(), ms=8)
+    if missing:
+        ax.text(0.98, 0.98, "not yet run:\n" + "\n".join(missing), ha="right", va="top",
+                transform=ax.transAxes, fontsize=6, color="0.4")  # fmt: skip
+    if len(names) > len(missing):
+        ax.legend(fontsize=7)
+
+
+def draw_figure1(runs: dict, overrides: list[str], out_dir: Path) -> dict[str, list[str] | str]:
+    """All eight panels, laid out like the paper's (a)–(h), as fig1.png and fig1.pdf.
+
+    Returns each panel's run names (or why it has none)."""
+    fig, axes = plt.subplots(4, 2, figsize=(10, 13))
+    membership = {}
+    for ax, panel in zip(axes.flat, PANELS, strict=True):
+        membership[panel.letter] = panel_run_names(panel, overrides)
+        draw_panel(ax, panel, membership[panel.letter], runs)
+    fig.tight_layout()
+    _save(fig, out_dir / "fig1")
+    return membership
+
+
+def draw_lambda(runs: dict, out_dir: Path) -> bool:
+    """λ of the AGC runs: mean λ per layer against depth at the end of training (left), and
+    λ of selected layers against epoch for the batch-4 run, else the first (right).
+
+    Returns False (and draws nothing) when no run has λ columns."""
+    agc = {n: [r for r in rows if not math.isnan(r.get("lambda_01", math.nan))]
+           for n, rows in runs.items()}  # fmt: skip
+    agc = {n: rows for n, rows in agc.items() if rows}
+    if not agc:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for _, rows in sorted(agc.items()):
+        final = rows[-1]
+        depths = sorted(int(k.split("_")[1]) for k in final if k.startswith("lambda_"))
+        label = f"{_curve_label(rows, ('batch', 'lr'))} (epoch {final['epoch']:g})"
+        left.plot(depths, [final[f"lambda_{d:02d}"] for d in depths], marker=".", label=label)
+    left.set(xlabel="layer (depth)", ylabel="mean λ over channels",
+             title="λ per layer at the end of training")  # fmt: skip
+    left.axhline(1.0, color="0.6", lw=0.8, ls="--")
+    left.legend(fontsize=7)
+    chosen = next((n for n in sorted(agc) if agc[n][0]["batch_size"] == 4), sorted(agc)[0])
+    rows = agc[chosen]
+    depths = sorted(int(k.split("_")[1]) for k in rows[-1] if k.startswith("lambda_"))
+    picks = sorted({depths[0], depths[len(depths) // 4], depths[len(depths) // 2],
+                    depths[3 * len(depths) // 4], depths[-1]})  # fmt: skip
+    for d in picks:
+        right.plot([r["epoch"] for r in rows], [r[f"lambda_{d:02d}"] for r in rows],
+                   label=f"layer {d}")  # fmt: skip
+    right.set(xlabel="epoch", ylabel="mean λ over channels", title=f"λ against epoch: {chosen}")
+    right.title.set_fontsize(8)
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out_dir / "lambda")
+    return True
+
+
+def _save(fig: plt.Figure, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".png", ".pdf"):
+        with atomic_file(stem.with_suffix(suffix)) as tmp:
+            fig.savefig(tmp, format=suffix[1:], dpi=150)
+    plt.close(fig)
+
+
+def _percent(value: float) -> str:
+    return "—" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def claims_measured(runs: dict) -> list[str]:
+    """What the runs at hand say about each of the paper's claims, as measured numbers."""
+
+    def final(norm: str, batch: int, lr: float, model: str = "segnet") -> float | None:
+        for rows in runs.values():
+            r = rows[0]
+            if (r["model"], r["norm"], r["batch_size"], r["lr"]) == (model, norm, batch, lr):
+                done = [x for x in rows if not math.isnan(x.get("epoch", math.nan))]
+                return done[-1]["val_pixel_error"] if done else None
+        return None
+
+    lines = []
+    for model in ("segnet", "classnet"):
+        agc, bn = final("agc", 4, 0.08, model), final("bn", 4, 0.08, model)
+        if agc is not None and bn is not None:
+            lines.append(
+                f"{model}, batch 4, lr 0.08: final error AGC {_percent(agc)}% vs BN "
+                f"{_percent(bn)}% (AGC − BN = {100 * (agc - bn):+.2f} points)."
+            )
+    bn1, bn4, bn8 = (final("bn", b, round(0.02 * b, 10)) for b in (1, 4, 8))
+    if None not in (bn1, bn4, bn8):
+        lines.append(f"BN final error at batch 1 / 4 / 8: {_percent(bn1)} / {_percent(bn4)} / "
+                     f"{_percent(bn8)}% (batch 1 − mean of 4 and 8 = "
+                     f"{100 * (bn1 - (bn4 + bn8) / 2):+.2f} points).")  # fmt: skip
+    agcs = [final("agc", b, round(0.02 * b, 10)) for b in (1, 4, 8)]
+    if None not in agcs:
+        lines.append(f"AGC final error at batch 1 / 4 / 8: "
+                     f"{' / '.join(_percent(a) for a in agcs)}% (spread "
+                     f"{100 * (max(agcs) - min(agcs)):.2f} points).")  # fmt: skip
+    return lines
+
+
+def write_table(runs: dict, membership: dict, out_dir: Path, header: str = "") -> None:
+    """fig1_table.md: final and best validation error of every run of the figure, next to
+    the paper's numbers, and what the runs say about the paper's claims."""
+    panels_of: dict[str, list[str]] = {}
+    for letter, names in membership.items():
+        for name in names if isinstance(names, list) else []:
+            panels_of.setdefault(name, []).append(letter)
+    columns = ("panels", "run", "status", "epochs", "final error %", "best error % (epoch)",
+               "paper final % (Cityscapes, 150 epochs)")  # fmt: skip
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for name, letters in panels_of.items():
+        rows = runs.get(name)
+        if not rows:
+            lines.append(f"| {', '.join(letters)} | {name} | not yet run | | | | |")
+            continue
+        done = [r for r in rows if not math.isnan(r.get("epoch", math.nan))]
+        first = rows[0]
+        status = first["status"]
+        if status == "diverged":
+            status += f" at epoch {first['diverged_epoch']:g}"
+        best = min(done, key=lambda r: r["val_pixel_error"]) if done else None
+        best_text = f"{_percent(best['val_pixel_error'])} ({best['epoch']:g})" if best else "—"
+        paper = ""
+        if (first["batch_size"], first["lr"]) == (4, 0.08):
+            paper = _percent(PAPER_FINAL_ERROR.get((first["model"], first["norm"]), math.nan))
+        lines.append(
+            f"| {', '.join(letters)} | {name} | {status} | {len(done)} | "
+            f"{_percent(done[-1]['val_pixel_error']) if done else '—'} | "
+            f"{best_text} | {paper} |"
+        )
+    unbuilt = {k: v for k, v in membership.items() if isinstance(v, str)}
+    for letter, reason in unbuilt.items():
+        lines.append(f"| {letter} | — | {reason} | | | | |")
+    lines += ["", "## The paper's claims", ""] + [f"- {c}" for c in PAPER_CLAIMS]
+    lines += ["", "## What these runs measured", ""]
+    lines += [f"- {c}" for c in claims_measured(runs)] or ["- (no comparable runs yet)"]
+    write_atomic(out_dir / "fig1_table.md", "\n".join(lines) + "\n")

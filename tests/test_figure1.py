@@ -1,0 +1,156 @@
+"""Figure 1's pipeline: panel sweeps, one run per directory, launchers, collect, plot, table."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+from conftest import REPO
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
+from deepcontrol.config import CONFIG_DIR, compose
+from deepcontrol.figure1 import PANELS, claims_measured, draw_panel, panel_run_names
+from deepcontrol.results import collect_runs, read_runs_csv, write_runs_csv
+from deepcontrol.sweeps import experiment_jobs
+
+EXPECTED_RUNS = {  # (norm, batch, lr) of Figure 1's SegNet panels, from the paper's caption
+    "a": {("bn", 1, 0.02), ("bn", 4, 0.08), ("bn", 8, 0.16)},
+    "b": {("agc", 1, 0.02), ("agc", 4, 0.08), ("agc", 8, 0.16)},
+    "c": {("bn", 4, 0.08), ("agc", 4, 0.08)},
+    "e": {("bn", 4, 0.08), ("agc", 4, 0.08)},
+    "g": {("bn", 8, 0.08), ("bn", 8, 0.16)},
+    "h": {("agc", 8, 0.08), ("agc", 8, 0.16), ("agc", 8, 0.32), ("agc", 8, 0.64)},
+}
+
+
+@pytest.mark.parametrize("letter", sorted(EXPECTED_RUNS))
+def test_each_panel_sweeps_exactly_its_runs(letter):
+    configs = [compose(job) for job in experiment_jobs(f"fig1{letter}")]
+    got = {(c.norm.name, c.data.batch_size, c.optim.lr) for c in configs}
+    assert got == EXPECTED_RUNS[letter] and len(configs) == len(got)
+    for c in configs:
+        assert (c.model.name, c.data.name, c.epochs, c.data.height, c.data.width) == (
+            "segnet", "cityscapes", 150, 256, 512)  # fmt: skip
+        assert c.logger.group == f"fig1{letter}"
+
+
+def test_the_figure_is_ten_distinct_runs_and_the_grid_eighteen():
+    names = set()
+    for panel in PANELS:
+        found = panel_run_names(panel, [])
+        if panel.letter in "df":  # ClassNet is not built yet
+            assert isinstance(found, str) and "classnet" in found
+        else:
+            names |= set(found)
+    assert len(names) == 10  # 12 once ClassNet's two runs join
+    grid = {compose(job).run_name for job in experiment_jobs("grid")}
+    assert len(grid) == 18 and len(names - grid) == 2  # h's lr 0.32 and 0.64 lie outside it
+    # the lr rule and an explicit lr name the same run: fig1g's 0.16 is fig1a's batch 8
+    assert compose(["data.batch_size=8"]).run_name == compose(
+        ["data.batch_size=8", "optim.lr=0.16"]).run_name  # fmt: skip
+
+
+def test_command_line_overrides_reach_every_panel_run():
+    jobs = experiment_jobs("fig1h", ["data=camvid", "epochs=30", "experiment=fig1"])
+    configs = [compose(job) for job in jobs]
+    assert {c.data.name for c in configs} == {"camvid"} and {c.epochs for c in configs} == {30}
+    assert (configs[0].data.height, configs[0].data.width) == (360, 480)
+
+
+def hydra_config(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_cluster_and_pool_launchers_compose():
+    slurm = hydra_config("experiment=fig1", "hydra/launcher=slurm", "hydra.launcher.partition=p")
+    launcher = slurm.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "p"
+    assert launcher.gpus_per_node == 1 and launcher.additional_parameters.requeue is True
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60
+    assert slurm.hydra.sweeper._target_.endswith("PanelsSweeper")
+    pool = hydra_config("hydra/launcher=gpu_pool", "hydra.launcher.gpus=[0,1]")
+    assert pool.hydra.launcher._target_.endswith("GpuPoolLauncher")
+
+
+def test_gpu_pool_gives_each_run_its_own_device(synthetic_root, tmp_path):
+    command = [
+        sys.executable, "-m", "deepcontrol.train", "-m", "experiment=fig1c", "data=synthetic",
+        f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.height=32",
+        "data.width=64", "epochs=1", "device=cpu", "logger=none", "train.progress=false",
+        "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[3,5]", f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")]
+    assert len(summaries) == 2 and {s["status"] for s in summaries} == {"finished"}
+    assert {s["cuda_visible_devices"] for s in summaries} == {"3", "5"}
+    assert all((Path(s["run_dir"]) / "launcher.log").is_file() for s in summaries)
+
+
+def test_fig1_smoke_runs_end_to_end_and_resumes_as_a_no_op(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    make = ["make", "-C", str(REPO), "fig1-smoke", f"VENV={sys.prefix}", f"SMOKE_OUT={out}",
+            f"SMOKE_RESULTS={results}"]  # fmt: skip
+    first = subprocess.run(make, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    runs = read_runs_csv(results / "runs.csv")
+    assert len(runs) == 10
+    assert {rows[0]["status"] for rows in runs.values()} <= {"finished", "diverged"}
+    assert all(len(rows) == 3 for rows in runs.values() if rows[0]["status"] == "finished")
+    for name in ("fig1.png", "fig1.pdf", "lambda.png", "lambda.pdf", "fig1_table.md"):
+        assert (results / name).stat().st_size > 0, name
+    table = (results / "fig1_table.md").read_text()
+    assert table.count("not yet run") == 2  # panels d and f only
+    assert "| d | — | not yet run" in table and "| f | — | not yet run" in table
+    assert "segnet-agc-synthetic-b8-lr0.64-s0-e3" in table and "9.73" in table
+    assert "AGC final error at batch 1 / 4 / 8" in table
+    again = subprocess.run(make, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0
+    assert (again.stdout + again.stderr).count("already finished, nothing to do") == 10
+
+
+def test_a_run_without_epochs_is_collected_and_drawn_as_diverged(tmp_path):
+    for lr, status in ((0.08, "finished"), (0.64, "diverged")):
+        run = tmp_path / f"lr{lr}"
+        run.mkdir()
+        cfg = compose(["norm=agc", "data.batch_size=8", f"optim.lr={lr}"])
+        OmegaConf.save(cfg, run / "config.yaml", resolve=True)
+        summary = {"status": status, **({"diverged_epoch": 1} if status == "diverged" else {})}
+        (run / "summary.json").write_text(json.dumps(summary))
+        if status == "finished":
+            (run / "metrics.csv").write_text(
+                "epoch,val_pixel_error,val_loss,lambda_01\n1,0.5,1.0,0.9\n2,0.4,0.9,0.8\n"
+            )
+    write_runs_csv(collect_runs(tmp_path), tmp_path / "runs.csv")
+    runs = read_runs_csv(tmp_path / "runs.csv")
+    diverged = runs["segnet-agc-synthetic-b8-lr0.64-s0-e150"]
+    assert len(diverged) == 1 and diverged[0]["status"] == "diverged"
+    assert math.isnan(diverged[0]["epoch"])
+    assert [r["epoch"] for r in runs["segnet-agc-synthetic-b8-lr0.08-s0-e150"]] == [1, 2]
+    fig, ax = plt.subplots()
+    panel = next(p for p in PANELS if p.letter == "h")
+    draw_panel(ax, panel, [*runs, "segnet-agc-synthetic-b8-lr0.16-s0-e150"], runs)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["lr 0.08", "lr 0.64 (diverged at epoch 1)"]
+    assert any("not yet run" in t.get_text() and "lr0.16" in t.get_text() for t in ax.texts)
+    plt.close(fig)
+
+
+def test_claims_are_measured_from_the_runs():
+    def run(norm, batch, lr, error):
+        row = dict(model="segnet", norm=norm, batch_size=batch, lr=lr, epoch=1.0)
+        return [{**row, "val_pixel_error": 0.5}, {**row, "epoch": 2.0, "val_pixel_error": error}]
+
+    runs = {f"{n}{b}": run(n, b, round(0.02 * b, 10), e) for n, b, e in
+            [("bn", 1, 0.12), ("bn", 4, 0.10), ("bn", 8, 0.10), ("agc", 1, 0.11),
+             ("agc", 4, 0.10), ("agc", 8, 0.105)]}  # fmt: skip
+    lines = claims_measured(runs)
+    assert lines[0].startswith("segnet, batch 4, lr 0.08: final error AGC 10.00% vs BN 10.00%")
+    assert "batch 1 − mean of 4 and 8 = +2.00 points" in lines[1]
+    assert "spread 1.00 points" in lines[2]
