@@ -10,6 +10,7 @@ stop the others.
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -72,21 +73,35 @@ class GpuPoolLauncher(Launcher):
         todo: queue.Queue = queue.Queue()
         for idx, overrides in enumerate(job_overrides):
             todo.put((idx, list(overrides)))
-        returns: list[JobReturn | None] = [None] * len(job_overrides)
+        returns: list[Optional[JobReturn]] = [None] * len(job_overrides)
+        stopping = threading.Event()  # a run was interrupted (Ctrl-C, SIGTERM): start no more
 
-        def worker(gpu: str | None) -> None:
-            while True:
+        def worker(gpu: Optional[str]) -> None:
+            while not stopping.is_set():
                 try:
                     idx, overrides = todo.get_nowait()
                 except queue.Empty:
                     return
                 returns[idx] = self._run(initial_job_idx + idx, overrides, gpu)
+                if returns[idx].status == JobStatus.FAILED and returns[idx].interrupted:
+                    stopping.set()
 
         threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:  # the children got the SIGINT too and are checkpointing
+            stopping.set()
+            for thread in threads:
+                thread.join()
+            raise
+        for idx, overrides in enumerate(job_overrides):
+            if returns[idx] is None:
+                not_started = RuntimeError("not started: the sweep was interrupted")
+                returns[idx] = JobReturn(list(overrides), status=JobStatus.FAILED,
+                                         _return_value=not_started)  # fmt: skip
         return returns
 
     def _run(self, idx: int, overrides: list[str], gpu: str | None) -> JobReturn:
@@ -106,6 +121,7 @@ class GpuPoolLauncher(Launcher):
         task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         result = JobReturn(overrides=overrides, cfg=task, hydra_cfg=cfg, working_dir=str(run_dir),
                            task_name="train", status=JobStatus.COMPLETED)  # fmt: skip
+        result.interrupted = code in (128 + signal.SIGINT, 128 + signal.SIGTERM)
         if code != 0:
             result.status = JobStatus.FAILED
             result.return_value = RuntimeError(
