@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from deepcontrol.atomic import atomic_dir
+from deepcontrol.data import cityscapes
 from deepcontrol.data.class_weights import enet_class_weights
 from deepcontrol.data.io import IGNORE_INDEX, DatasetError, map_labels, read_label_map, read_rgb
 from deepcontrol.data.registry import DatasetFormat, get_format
@@ -128,10 +129,11 @@ def read_manifest(cache_dir: Path) -> dict | None:
 def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]:
     """The cache for ``data_cfg``: built if missing (or ``force``), checked if present."""
     if data_cfg.root is None:
+        how = f" ({cityscapes.HOW_TO_GET})" if data_cfg.format == "cityscapes" else ""
         raise DatasetError(
             f"data.root is not set for data={data_cfg.name}: set it on the command line "
             "(data.root=/path) or through the environment variable named in "
-            f"configs/data/{data_cfg.name}.yaml"
+            f"configs/data/{data_cfg.name}.yaml{how}"
         )
     fmt = get_format(data_cfg.format)
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
