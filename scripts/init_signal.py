@@ -1,4 +1,4 @@
-"""How big are SegNet's logits and gradients at initialisation, per norm and input scaling?
+"""How big are a network's logits and gradients at initialisation, per norm and input scaling?
 
 A network of convs without bias, AGC with β = 0, ReLU and max-(un)pooling is positively
 homogeneous at init: its logits scale with its input. Each AGC removes the per-sample mean
@@ -6,6 +6,7 @@ that follows a ReLU, so the signal also shrinks layer by layer. This prints, for
 the configured data, the std of the logits and the median over convs of |∇W| / |W|.
 
     python scripts/init_signal.py data.height=256 data.width=512     # any training overrides
+    python scripts/init_signal.py model=classnet data.height=256 data.width=512
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from deepcontrol.config import compose
 from deepcontrol.data import build_data
+from deepcontrol.engine import class_logits
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import build_model
 
@@ -25,8 +27,8 @@ def measure(overrides: list[str]) -> tuple[float, float]:
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.data, torch.device("cpu"), seed=cfg.seed)
     model = build_model(cfg, data.num_classes)
-    images, labels = next(iter(data.train))
-    logits = model(images)
+    images, labels, _ = next(iter(data.train))
+    logits = class_logits(model(images))
     pixel_cross_entropy(logits, labels, data.class_weights).backward()
     ratios = [p.grad.norm() / p.norm() for p in model.parameters() if p.dim() == 4]
     return logits.std().item(), torch.stack(ratios).median().item()

@@ -27,9 +27,7 @@ def main() -> None:
     write_table(runs, membership, args.results, header)
     drew_lambda = draw_lambda(runs, args.results)
     for letter, names in membership.items():
-        found = "; ".join(n if n in runs else f"{n} (not yet run)" for n in names) \
-            if isinstance(names, list) else names  # fmt: skip
-        print(f"({letter}) {found}")
+        print(f"({letter}) " + "; ".join(n if n in runs else f"{n} (not yet run)" for n in names))
     print(
         f"wrote {args.results}/fig1.png, fig1.pdf, fig1_table.md"
         + (", lambda.png, lambda.pdf" if drew_lambda else " (no AGC run: no λ figure)")

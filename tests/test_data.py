@@ -92,12 +92,12 @@ def test_loader_visits_every_sample_once_per_epoch():
         images, labels, batch_size=4, mean=[1.0, 1.0, 1.0], std=[2.0, 2.0, 2.0], shuffle=True
     )
     assert len(batches) == 3
-    seen = [labels_b[:, 0, 0] for _, labels_b in batches]
+    seen = [labels_b[:, 0, 0] for _, labels_b, _ in batches]
     assert [len(s) for s in seen] == [4, 4, 2]
     order = torch.cat(seen)
     assert sorted(order.tolist()) == list(range(10))
-    assert sorted(torch.cat([lb[:, 0, 0] for _, lb in batches]).tolist()) == list(range(10))
-    x, y = next(iter(batches))
+    assert sorted(torch.cat([lb[:, 0, 0] for _, lb, _ in batches]).tolist()) == list(range(10))
+    x, y, _ = next(iter(batches))
     assert x.shape == (4, 3, 2, 3) and x.dtype == torch.float32 and y.dtype == torch.int64
     torch.testing.assert_close(x[:, 0, 0, 0], (y[:, 0, 0].float() - 1.0) / 2.0)
 
@@ -109,7 +109,7 @@ def test_loader_order_is_seeded_and_resumable():
     a, b = DeviceBatches(images, labels, **kwargs), DeviceBatches(images, labels, **kwargs)
     list(a)  # a whole epoch: the state is the next epoch's
     b.load_state_dict(a.state_dict())
-    assert [y.tolist() for _, y in a] == [y.tolist() for _, y in b]
+    assert [y.tolist() for _, y, _ in a] == [y.tolist() for _, y, _ in b]
     # stopped after two batches of an epoch: the resumed loader yields the other two
     epoch = iter(a)
     expected = [next(epoch)[1].tolist() for _ in range(4)]
@@ -118,8 +118,8 @@ def test_loader_order_is_seeded_and_resumable():
     assert b.position == 2
     c = DeviceBatches(images, labels, **kwargs)
     c.load_state_dict(b.state_dict())
-    assert [y.tolist() for _, y in c] == expected[2:]
-    assert [y.tolist() for _, y in c][:2] != expected[:2]  # and the next epoch is a new order
+    assert [y.tolist() for _, y, _ in c] == expected[2:]
+    assert [y.tolist() for _, y, _ in c][:2] != expected[:2]  # and the next epoch is a new order
     assert not torch.equal(next(iter(DeviceBatches(images, labels, **kwargs)))[1], labels.long())
 
 
@@ -127,11 +127,11 @@ def test_processes_share_each_global_batch():
     images = torch.zeros(11, 1, 1, 3, dtype=torch.uint8)
     labels = torch.arange(11, dtype=torch.uint8).view(11, 1, 1)
     kwargs = dict(batch_size=4, mean=[0.0] * 3, std=[1.0] * 3, shuffle=True, seed=1)
-    whole = [y.flatten().tolist() for _, y in DeviceBatches(images, labels, **kwargs)]
+    whole = [y.flatten().tolist() for _, y, _ in DeviceBatches(images, labels, **kwargs)]
     parts = [
         [
             y.flatten().tolist()
-            for _, y in DeviceBatches(images, labels, rank=r, world_size=2, **kwargs)
+            for _, y, _ in DeviceBatches(images, labels, rank=r, world_size=2, **kwargs)
         ]  # fmt: skip
         for r in (0, 1)
     ]
@@ -235,7 +235,7 @@ def test_camvid_from_shared_data(tmp_path):
     assert len(camvid.list_pairs(CAMVID, "train")) == 367
     pairs = camvid.list_pairs(CAMVID, "val")
     assert len(pairs) == 101
-    image, labels = load_pair(*pairs[0], camvid.label_lut(), 360, 480)
+    image, labels, _ = load_pair(*pairs[0], camvid.label_lut(), 360, 480)
     assert image.shape == (360, 480, 3) and labels.shape == (360, 480)
     assert set(np.unique(labels)) <= set(range(11)) | {255}
     assert (labels == 255).any()  # void (11) became ignore

@@ -15,7 +15,7 @@ from torch import multiprocessing as mp
 from deepcontrol.data import build_data
 from deepcontrol.distributed import init_distributed, unwrap, wrap_model
 from deepcontrol.engine import evaluate, train_one_epoch
-from deepcontrol.losses import pixel_cross_entropy
+from deepcontrol.losses import build_loss
 from deepcontrol.models import build_model
 from deepcontrol.results import read_metrics
 from deepcontrol.train import build_optimizer, seed_everything, train
@@ -42,8 +42,7 @@ def one_epoch(cfg, rank: int, world_size: int, out: Path) -> None:
     optimizer = build_optimizer(cfg.optim, model)
     model = wrap_model(model, place, cfg.norm.sync)
 
-    def loss_fn(logits, labels):
-        return pixel_cross_entropy(logits, labels, data.class_weights)
+    loss_fn = build_loss(cfg.loss, data.class_weights)
 
     stats = train_one_epoch(model, data.train, optimizer, loss_fn)
     metrics, _ = evaluate(unwrap(model), data.val, loss_fn, data.num_classes, "fp32")

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from deepcontrol.config import compose
 from deepcontrol.data import DeviceBatches
 from deepcontrol.engine import autocast, evaluate, train_one_epoch
-from deepcontrol.losses import pixel_cross_entropy
+from deepcontrol.losses import build_loss
 from deepcontrol.nn import AutoGainControl2d
 
 
@@ -28,10 +29,11 @@ def tiny_problem(device: str) -> tuple[nn.Module, DeviceBatches]:
 def run(device: str, precision: str) -> list[float]:
     model, batches = tiny_problem(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    loss_fn = build_loss(compose().loss, class_weights=None)
     losses = []
     for _ in range(15):
-        losses.append(train_one_epoch(model, batches, optimizer, pixel_cross_entropy, precision))
-    metrics, iou = evaluate(model, batches, pixel_cross_entropy, 3, precision)
+        losses.append(train_one_epoch(model, batches, optimizer, loss_fn, precision))
+    metrics, iou = evaluate(model, batches, loss_fn, 3, precision)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert 0 <= metrics["val_pixel_error"] <= 1 and iou.shape == (3,)
     return [x["train_loss"] for x in losses]

@@ -18,38 +18,35 @@ from deepcontrol.figure1 import PANELS, claims_measured, draw_panel, panel_run_n
 from deepcontrol.results import collect_runs, read_runs_csv, write_runs_csv
 from deepcontrol.sweeps import experiment_jobs
 
-EXPECTED_RUNS = {  # (norm, batch, lr) of Figure 1's SegNet panels, from the paper's caption
-    "a": {("bn", 1, 0.02), ("bn", 4, 0.08), ("bn", 8, 0.16)},
-    "b": {("agc", 1, 0.02), ("agc", 4, 0.08), ("agc", 8, 0.16)},
-    "c": {("bn", 4, 0.08), ("agc", 4, 0.08)},
-    "e": {("bn", 4, 0.08), ("agc", 4, 0.08)},
-    "g": {("bn", 8, 0.08), ("bn", 8, 0.16)},
-    "h": {("agc", 8, 0.08), ("agc", 8, 0.16), ("agc", 8, 0.32), ("agc", 8, 0.64)},
+EXPECTED_RUNS = {  # (model, norm, batch, lr) of Figure 1's panels, from the paper's caption
+    "a": {("segnet", "bn", 1, 0.02), ("segnet", "bn", 4, 0.08), ("segnet", "bn", 8, 0.16)},
+    "b": {("segnet", "agc", 1, 0.02), ("segnet", "agc", 4, 0.08), ("segnet", "agc", 8, 0.16)},
+    "c": {("segnet", "bn", 4, 0.08), ("segnet", "agc", 4, 0.08)},
+    "d": {("classnet", "bn", 4, 0.08), ("classnet", "agc", 4, 0.08)},
+    "e": {("segnet", "bn", 4, 0.08), ("segnet", "agc", 4, 0.08)},
+    "f": {("classnet", "bn", 4, 0.08), ("classnet", "agc", 4, 0.08)},
+    "g": {("segnet", "bn", 8, 0.08), ("segnet", "bn", 8, 0.16)},
+    "h": {("segnet", "agc", 8, lr) for lr in (0.08, 0.16, 0.32, 0.64)},
 }
 
 
 @pytest.mark.parametrize("letter", sorted(EXPECTED_RUNS))
 def test_each_panel_sweeps_exactly_its_runs(letter):
     configs = [compose(job) for job in experiment_jobs(f"fig1{letter}")]
-    got = {(c.norm.name, c.data.batch_size, c.optim.lr) for c in configs}
+    got = {(c.model.name, c.norm.name, c.data.batch_size, c.optim.lr) for c in configs}
     assert got == EXPECTED_RUNS[letter] and len(configs) == len(got)
     for c in configs:
-        assert (c.model.name, c.data.name, c.epochs, c.data.height, c.data.width) == (
-            "segnet", "cityscapes", 150, 256, 512)  # fmt: skip
+        assert (c.data.name, c.epochs, c.data.height, c.data.width) == ("cityscapes", 150, 256, 512)
         assert c.logger.group == f"fig1{letter}"
 
 
-def test_the_figure_is_ten_distinct_runs_and_the_grid_eighteen():
+def test_the_figure_is_twelve_distinct_runs_and_the_grid_eighteen():
     names = set()
     for panel in PANELS:
-        found = panel_run_names(panel, [])
-        if panel.letter in "df":  # ClassNet is not built yet
-            assert isinstance(found, str) and "classnet" in found
-        else:
-            names |= set(found)
-    assert len(names) == 10  # 12 once ClassNet's two runs join
+        names |= set(panel_run_names(panel, []))
+    assert len(names) == 12
     grid = {compose(job).run_name for job in experiment_jobs("grid")}
-    assert len(grid) == 18 and len(names - grid) == 2  # h's lr 0.32 and 0.64 lie outside it
+    assert len(grid) == 18 and len(names - grid) == 4  # h's lr 0.32 and 0.64, and ClassNet's
     # the lr rule and an explicit lr name the same run: fig1g's 0.16 is fig1a's batch 8
     assert compose(["data.batch_size=8"]).run_name == compose(
         ["data.batch_size=8", "optim.lr=0.16"]).run_name  # fmt: skip
@@ -100,19 +97,19 @@ def test_fig1_smoke_runs_end_to_end_and_resumes_as_a_no_op(tmp_path):
     first = subprocess.run(make, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     runs = read_runs_csv(results / "runs.csv")
-    assert len(runs) == 10
+    assert len(runs) == 12
     assert {rows[0]["status"] for rows in runs.values()} <= {"finished", "diverged"}
     assert all(len(rows) == 3 for rows in runs.values() if rows[0]["status"] == "finished")
     for name in ("fig1.png", "fig1.pdf", "lambda.png", "lambda.pdf", "fig1_table.md"):
         assert (results / name).stat().st_size > 0, name
     table = (results / "fig1_table.md").read_text()
-    assert table.count("not yet run") == 2  # panels d and f only
-    assert "| d | — | not yet run" in table and "| f | — | not yet run" in table
+    assert "not yet run" not in table
+    assert "| d, f | classnet-agc-synthetic-b4-lr0.08-s0-e3 |" in table and "5.34" in table
     assert "segnet-agc-synthetic-b8-lr0.64-s0-e3" in table and "9.73" in table
     assert "AGC final error at batch 1 / 4 / 8" in table
     again = subprocess.run(make, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0
-    assert (again.stdout + again.stderr).count("already finished, nothing to do") == 10
+    assert (again.stdout + again.stderr).count("already finished, nothing to do") == 12
 
 
 def test_a_run_without_epochs_is_collected_and_drawn_as_diverged(tmp_path):

@@ -76,7 +76,7 @@ def test_same_seed_same_metrics_and_resume_after_sigterm_matches(
         return pixel_cross_entropy(logits, labels, weights)
 
     with monkeypatch.context() as patch:
-        patch.setattr("deepcontrol.train.pixel_cross_entropy", loss_then_sigterm)
+        patch.setattr("deepcontrol.losses.pixel_cross_entropy", loss_then_sigterm)
         stopped = train(cfg, tmp_path / "c")
     assert stopped["status"] == "interrupted" and stopped["signal"] == signal.SIGTERM
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["status"] == "interrupted"

@@ -16,9 +16,13 @@ from deepcontrol.atomic import atomic_file
 from deepcontrol.data.io import IGNORE_INDEX
 from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.distributed import all_reduce_sum
+from deepcontrol.losses import LossFn, Outputs
 from deepcontrol.metrics import ConfusionMatrix
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+def class_logits(outputs: Outputs) -> torch.Tensor:
+    """The class logits of a network's outputs (ClassNet also returns a contour map)."""
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -54,9 +58,9 @@ def train_one_epoch(
     world = batches.world_size
     bar = tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch",
                initial=batches.position, total=len(batches))  # fmt: skip
-    for images, labels in bar:
+    for images, labels, contours in bar:
         with autocast(batches.device, precision):
-            loss = loss_fn(model(images), labels)
+            loss = loss_fn(model(images), labels, contours)
         valid = (labels != IGNORE_INDEX).sum()
         scaled = loss
         if world > 1:  # DDP averages gradients over processes; undo that, weigh by pixels
@@ -94,13 +98,13 @@ def evaluate(
     confusion = ConfusionMatrix(num_classes, batches.device)
     total = torch.zeros((), dtype=torch.float64, device=batches.device)
     pixels = torch.zeros((), dtype=torch.int64, device=batches.device)
-    for images, labels in batches:
+    for images, labels, contours in batches:
         with autocast(batches.device, precision):
-            logits = model(images)
+            outputs = model(images)
         valid = (labels != IGNORE_INDEX).sum()
-        total += loss_fn(logits, labels) * valid
+        total += loss_fn(outputs, labels, contours) * valid
         pixels += valid
-        confusion.update(logits.argmax(1), labels)
+        confusion.update(class_logits(outputs).argmax(1), labels)
     for tensor in (total, pixels, confusion.counts):  # each process evaluated its own part
         all_reduce_sum(tensor)
     metrics = {

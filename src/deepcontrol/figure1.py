@@ -58,14 +58,9 @@ PAPER_CLAIMS = (
 METRIC_LABEL = {"val_pixel_error": "validation pixel error (%)", "val_loss": "validation loss"}
 
 
-def panel_run_names(panel: Panel, overrides: list[str]) -> list[str] | str:
-    """The run names of ``panel`` under ``overrides`` (those of the training command), or
-    the reason they cannot be composed (e.g. a model that is not built yet)."""
-    try:
-        return [compose(job).run_name for job in experiment_jobs(panel.experiment, overrides)]
-    except Exception as error:  # noqa: BLE001 - a panel that cannot compose is drawn as such
-        reason = str(error).splitlines()[0]
-        return f"not yet run: {reason}"
+def panel_run_names(panel: Panel, overrides: list[str]) -> list[str]:
+    """The run names of ``panel`` under ``overrides`` (those of the training command)."""
+    return [compose(job).run_name for job in experiment_jobs(panel.experiment, overrides)]
 
 
 def _curve_label(rows: list[dict], vary: tuple[str, ...]) -> str:
@@ -78,16 +73,12 @@ def _curve_label(rows: list[dict], vary: tuple[str, ...]) -> str:
     return ", ".join(parts[key] for key in vary)
 
 
-def draw_panel(ax: plt.Axes, panel: Panel, names: list[str] | str, runs: dict) -> None:
+def draw_panel(ax: plt.Axes, panel: Panel, names: list[str], runs: dict) -> None:
     ax.set_title(f"({panel.letter}) {panel.title}", fontsize=9, loc="left")
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel(METRIC_LABEL[panel.metric], fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    if isinstance(names, str):
-        ax.text(0.5, 0.5, names.replace(": ", ":\n", 1), ha="center", va="center",
-                transform=ax.transAxes, fontsize=8, wrap=True)  # fmt: skip
-        return
     scale = 100 if panel.metric == "val_pixel_error" else 1
     missing = []
     for name in names:
@@ -114,10 +105,9 @@ def draw_panel(ax: plt.Axes, panel: Panel, names: list[str] | str, runs: dict) -
         ax.legend(fontsize=7)
 
 
-def draw_figure1(runs: dict, overrides: list[str], out_dir: Path) -> dict[str, list[str] | str]:
-    """All eight panels, laid out like the paper's (a)–(h), as fig1.png and fig1.pdf.
-
-    Returns each panel's run names (or why it has none)."""
+def draw_figure1(runs: dict, overrides: list[str], out_dir: Path) -> dict[str, list[str]]:
+    """All eight panels, laid out like the paper's (a)–(h), as fig1.png and fig1.pdf; returns
+    each panel's run names."""
     fig, axes = plt.subplots(4, 2, figsize=(10, 13))
     membership = {}
     for ax, panel in zip(axes.flat, PANELS, strict=True):
@@ -215,7 +205,7 @@ def write_table(runs: dict, membership: dict, out_dir: Path, header: str = "") -
     the paper's numbers, and what the runs say about the paper's claims."""
     panels_of: dict[str, list[str]] = {}
     for letter, names in membership.items():
-        for name in names if isinstance(names, list) else []:
+        for name in names:
             panels_of.setdefault(name, []).append(letter)
     columns = ("panels", "run", "status", "epochs", "final error %", "best error % (epoch)",
                "paper final % (Cityscapes, 150 epochs)")  # fmt: skip
@@ -240,9 +230,6 @@ def write_table(runs: dict, membership: dict, out_dir: Path, header: str = "") -
             f"{_percent(done[-1]['val_pixel_error']) if done else '—'} | "
             f"{best_text} | {paper} |"
         )
-    unbuilt = {k: v for k, v in membership.items() if isinstance(v, str)}
-    for letter, reason in unbuilt.items():
-        lines.append(f"| {letter} | — | {reason} | | | | |")
     lines += ["", "## The paper's claims", ""] + [f"- {c}" for c in PAPER_CLAIMS]
     lines += ["", "## What these runs measured", ""]
     lines += [f"- {c}" for c in claims_measured(runs)] or ["- (no comparable runs yet)"]

@@ -29,8 +29,8 @@ from deepcontrol.data import build_data, ensure_cache
 from deepcontrol.distributed import broadcast_buffers, init_distributed, unwrap, wrap_model
 from deepcontrol.engine import evaluate, load_checkpoint, save_checkpoint, train_one_epoch
 from deepcontrol.logging import RunLogger, read_json
-from deepcontrol.losses import pixel_cross_entropy
-from deepcontrol.models import build_model
+from deepcontrol.losses import build_loss
+from deepcontrol.models import build_model, model_outputs_contours
 from deepcontrol.nn import agc_mean_scales
 
 log = logging.getLogger("deepcontrol")
@@ -148,15 +148,14 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
         ensure_cache(cfg.data)  # once, before the other processes read it
     if place.enabled:
         torch.distributed.barrier()
-    data = build_data(cfg.data, device, cfg.seed, place.rank, place.world_size)
+    contours = model_outputs_contours(cfg)
+    data = build_data(cfg.data, device, cfg.seed, place.rank, place.world_size, contours)
     model = build_model(cfg, data.num_classes).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
     weights = None if data.class_weights is None else data.class_weights.to(device)
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return pixel_cross_entropy(logits, labels, weights)
+    loss_fn = build_loss(cfg.loss, weights)
 
     start_epoch, history, best = 0, [], {"val_pixel_error": math.inf, "epoch": None}
     running = None  # the partial sums of an epoch interrupted midway

@@ -30,9 +30,15 @@ class Data:
 
 
 def build_data(
-    data_cfg: DictConfig, device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1
+    data_cfg: DictConfig,
+    device: torch.device,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    contours: bool = False,
 ) -> Data:
-    """Loaders for the data config (built from its cache, which is made if missing).
+    """Loaders for the data config (built from its cache, which is made if missing); with
+    ``contours`` the batches carry contour targets too (ClassNet).
 
     ``data.batch_size`` is the global batch: with ``world_size`` processes each takes its
     share of every training batch and evaluates every ``world_size``-th validation sample.
@@ -46,7 +52,7 @@ def build_data(
         raise ValueError(
             f"data.input_norm must be 'mean' or 'standard', got {data_cfg.input_norm!r}"
         )
-    common = dict(mean=manifest["mean"], std=std, device=device)
+    common = dict(mean=manifest["mean"], std=std, device=device, contours=contours)
     train = DeviceBatches.from_cache(
         cache_dir, "train", batch_size=data_cfg.batch_size, shuffle=True, hflip=data_cfg.hflip,
         seed=seed, rank=rank, world_size=world_size, **common,

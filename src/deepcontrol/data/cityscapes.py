@@ -55,3 +55,9 @@ def list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
             raise DatasetError(f"{image}: its label {label} is missing")
         pairs.append((image, label))
     return pairs
+
+
+def instance_path(label: Path) -> Path | None:
+    """The ``*_gtFine_instanceIds.png`` beside a ``*_gtFine_labelIds.png``, if it exists."""
+    path = label.with_name(label.name.replace("_gtFine_labelIds.png", "_gtFine_instanceIds.png"))
+    return path if path.is_file() else None

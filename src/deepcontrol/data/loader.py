@@ -15,7 +15,8 @@ import torch
 
 
 class DeviceBatches:
-    """Iterates over one cached split in batches of (normalised float images, long labels).
+    """Iterates over one cached split in batches of (normalised float images, long labels,
+    float contour targets or None when the loader holds no ``contours``).
 
     ``mean`` and ``std`` are per channel, in pixel units (0..255).
     ``shuffle`` draws a new order each epoch from a seeded generator. ``hflip`` mirrors each
@@ -43,6 +44,7 @@ class DeviceBatches:
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        contours: torch.Tensor | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
@@ -54,6 +56,7 @@ class DeviceBatches:
         self.device = torch.device(device)
         self.images = images.to(self.device)  # (N, H, W, 3) uint8
         self.labels = labels.to(self.device)  # (N, H, W) uint8
+        self.contours = None if contours is None else contours.to(self.device)  # (N, H, W)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.hflip = hflip
@@ -66,15 +69,24 @@ class DeviceBatches:
 
     @classmethod
     def from_cache(
-        cls, cache_dir: Path, split: str, part: tuple[int, int] = (0, 1), **kwargs
+        cls,
+        cache_dir: Path,
+        split: str,
+        part: tuple[int, int] = (0, 1),
+        contours: bool = False,
+        **kwargs,
     ) -> DeviceBatches:
-        """The cached ``split``; ``part=(i, n)`` keeps every n-th sample from the i-th, so n
-        processes evaluating their parts see each sample exactly once."""
+        """The cached ``split`` (with its contour targets if ``contours``); ``part=(i, n)``
+        keeps every n-th sample from the i-th, so n processes evaluating their parts see each
+        sample exactly once."""
         i, n = part
-        images = np.load(Path(cache_dir) / f"{split}_images.npy", mmap_mode="r")[i::n]
-        labels = np.load(Path(cache_dir) / f"{split}_labels.npy", mmap_mode="r")[i::n]
-        return cls(torch.from_numpy(np.array(images)),
-                   torch.from_numpy(np.array(labels)), **kwargs)  # fmt: skip
+
+        def load(name: str) -> torch.Tensor:
+            array = np.load(Path(cache_dir) / f"{split}_{name}.npy", mmap_mode="r")[i::n]
+            return torch.from_numpy(np.array(array))
+
+        extra = {"contours": load("contours")} if contours else {}
+        return cls(load("images"), load("labels"), **extra, **kwargs)
 
     @property
     def num_samples(self) -> int:
@@ -102,11 +114,14 @@ class DeviceBatches:
             images = self.images[on_device].permute(0, 3, 1, 2).float()
             images = (images - self.mean) / self.std
             labels = self.labels[on_device].long()
+            contours = None if self.contours is None else self.contours[on_device].float()
             if flips is not None:
                 flip = flips[index].to(self.device)
                 images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
                 labels = torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels)
-            yield images, labels
+                if contours is not None:
+                    contours = torch.where(flip.view(-1, 1, 1), contours.flip(-1), contours)
+            yield images, labels, contours
         self._epoch = None
 
     @property

@@ -1,18 +1,23 @@
 """Decode, map and resize a dataset once into a cache that training reads (§3: 256×512).
 
 Decoding 2048×1024 PNGs is the bottleneck of Cityscapes training, so it is done once:
-``<cache_dir>/{train,val}_{images,labels}.npy`` hold uint8 images (N, H, W, 3) and train-id
-labels (N, H, W) at the training size, and ``manifest.json`` the source, the per-class
-pixel counts of the training split, the ENet class weights and the image mean and std.
+``<cache_dir>/{train,val}_{images,labels,contours}.npy`` hold uint8 images (N, H, W, 3),
+train-id labels (N, H, W) and contour targets (N, H, W; 1 on instance boundaries, for
+ClassNet) at the training size, and ``manifest.json`` the source, the per-class pixel counts
+of the training split, the ENet class weights, the image mean and std, and whether the
+contours come from instance maps or, where a dataset has none, from class boundaries.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,31 +34,66 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: contour targets
 
 
 def load_pair(
-    image_path: Path, label_path: Path, lut: np.ndarray, height: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """One (image, train-id label) pair at ``height``×``width``.
+    image_path: Path,
+    label_path: Path,
+    lut: np.ndarray,
+    height: int,
+    width: int,
+    instance_path: Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (image, train-id label, contour target) triple at ``height``×``width``.
 
     Images are resized bilinearly with antialiasing (Pillow's resize filters over the
-    whole footprint when shrinking), labels by nearest neighbour.
+    whole footprint when shrinking), labels and instance maps by nearest neighbour. The
+    contours are drawn at the training size from the instance map when there is one, else
+    from the labels (``contour_target``).
     """
     image = read_rgb(image_path)
     labels = map_labels(read_label_map(label_path), lut, label_path)
-    if image.shape[:2] != labels.shape:
-        raise DatasetError(
-            f"{label_path}: label is {labels.shape[1]}x{labels.shape[0]} but its image "
-            f"{image_path} is {image.shape[1]}x{image.shape[0]}; expected the same size"
-        )
+    instances = None if instance_path is None else read_label_map(instance_path)
+    for other, path in ((labels, label_path), (instances, instance_path)):
+        if other is not None and image.shape[:2] != other.shape:  # label or instance map
+            raise DatasetError(
+                f"{path}: label is {other.shape[1]}x{other.shape[0]} but its image "
+                f"{image_path} is {image.shape[1]}x{image.shape[0]}; expected the same size"
+            )
     if image.shape[:2] != (height, width):
         image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
         labels = np.asarray(Image.fromarray(labels).resize((width, height), Image.NEAREST))
-    return image, labels
+        if instances is not None:
+            instances = np.asarray(
+                Image.fromarray(instances).resize((width, height), Image.NEAREST)
+            )
+    return image, labels, contour_target(labels, instances)
 
 
-def _load_pair_star(args: tuple) -> tuple[np.ndarray, np.ndarray]:
+def contour_target(labels: np.ndarray, instances: np.ndarray | None = None) -> np.ndarray:
+    """1 where a pixel's right or lower neighbour belongs to another instance or class.
+
+    Both pixels of such a pair are marked, so a boundary is two pixels wide. Pairs that
+    touch an ignored pixel are not boundaries: what lies under the ignore label is unknown.
+    """
+    region = labels.astype(np.int64)
+    if instances is not None:
+        region = region * (int(instances.max()) + 1) + instances  # (class, instance) pairs
+    valid = labels != IGNORE_INDEX
+    contour = np.zeros(labels.shape, dtype=bool)
+    for axis in (0, 1):
+        a = [slice(None), slice(None)]
+        b = [slice(None), slice(None)]
+        a[axis], b[axis] = slice(None, -1), slice(1, None)
+        a, b = tuple(a), tuple(b)
+        edge = (region[a] != region[b]) & valid[a] & valid[b]
+        contour[a] |= edge
+        contour[b] |= edge
+    return contour.astype(np.uint8)
+
+
+def _load_star(args: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return load_pair(*args)
 
 
@@ -73,6 +113,12 @@ def prepare_cache(
     root, cache_dir = Path(root).resolve(), Path(cache_dir)
     pairs = {split: fmt.list_pairs(root, split) for split in SPLITS}  # fail before any work
     lut = fmt.label_lut()
+    instances = {split: [fmt.instance_path(label) for _, label in split_pairs]
+                 for split, split_pairs in pairs.items()}  # fmt: skip
+    with_instances = all(path is not None for paths in instances.values() for path in paths)
+    if not with_instances:
+        log.info(f"{root}: no instance map for every image; class boundaries stand in for "
+                 "instance boundaries in the contour targets")  # fmt: skip
     workers = workers or min(8, os.cpu_count() or 1)
     manifest = {
         "version": CACHE_VERSION,
@@ -82,6 +128,7 @@ def prepare_cache(
         "width": width,
         "class_names": list(fmt.class_names),
         "ignore_index": IGNORE_INDEX,
+        "contours": "instance and class boundaries" if with_instances else "class boundaries",
         "splits": {},
     }
     # An existing cache is replaced: --force, or a concurrent prepare that finished first.
@@ -94,11 +141,18 @@ def prepare_cache(
             labels = np.lib.format.open_memmap(
                 tmp / f"{split}_labels.npy", "w+", np.uint8, (n, height, width)
             )
-            jobs = [(img, lbl, lut, height, width) for img, lbl in split_pairs]
-            for i, (image, label) in enumerate(pool.map(_load_pair_star, jobs, chunksize=4)):
-                images[i], labels[i] = image, label
-            images.flush()
-            labels.flush()
+            contours = np.lib.format.open_memmap(
+                tmp / f"{split}_contours.npy", "w+", np.uint8, (n, height, width)
+            )
+            jobs = [
+                (img, lbl, lut, height, width, inst if with_instances else None)
+                for (img, lbl), inst in zip(split_pairs, instances[split], strict=True)
+            ]
+            triples = pool.map(_load_star, jobs, chunksize=4)
+            for i, (image, label, contour) in enumerate(triples):
+                images[i], labels[i], contours[i] = image, label, contour
+            for array in (images, labels, contours):
+                array.flush()
             counts = np.bincount(labels.reshape(-1), minlength=256)
             manifest["splits"][split] = {
                 "num_images": n,
@@ -114,7 +168,7 @@ def prepare_cache(
                 manifest["enet_class_weights"] = enet_class_weights(
                     counts[: fmt.num_classes]
                 ).tolist()
-            del images, labels
+            del images, labels, contours
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -124,6 +178,20 @@ def read_manifest(cache_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+@contextmanager
+def _build_lock(cache_dir: Path) -> Iterator[None]:
+    """An exclusive lock beside ``cache_dir``: runs started together (a GPU pool, an array
+    of jobs) build a missing cache once instead of racing to write it."""
+    lock = cache_dir.parent / f".{cache_dir.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]:
@@ -137,29 +205,30 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
         )
     fmt = get_format(data_cfg.format)
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
-    manifest = None if force else read_manifest(cache_dir)
-    if manifest is not None:
-        wanted = {
-            "version": CACHE_VERSION,
-            "format": fmt.name,
-            "root": str(root.resolve()),
-            "height": data_cfg.height,
-            "width": data_cfg.width,
-        }
-        stale = {k: (manifest.get(k), v) for k, v in wanted.items() if manifest.get(k) != v}
-        if stale:
-            raise DatasetError(
-                f"{cache_dir / MANIFEST}: cache was made for other settings "
-                f"(cached, wanted: {stale}); rebuild it with `deepcontrol-prepare "
-                f"data={data_cfg.name} --force` or choose another data.cache_dir"
-            )
-    else:
-        if data_cfg.get("synthetic") and not root.exists():
-            from deepcontrol.data.synthetic import write_synthetic_cityscapes
+    with _build_lock(cache_dir):  # one process builds; the others wait, then read it
+        manifest = None if force else read_manifest(cache_dir)
+        if manifest is not None:
+            wanted = {
+                "version": CACHE_VERSION,
+                "format": fmt.name,
+                "root": str(root.resolve()),
+                "height": data_cfg.height,
+                "width": data_cfg.width,
+            }
+            stale = {k: (manifest.get(k), v) for k, v in wanted.items() if manifest.get(k) != v}
+            if stale:
+                raise DatasetError(
+                    f"{cache_dir / MANIFEST}: cache was made for other settings "
+                    f"(cached, wanted: {stale}); rebuild it with `deepcontrol-prepare "
+                    f"data={data_cfg.name} --force` or choose another data.cache_dir"
+                )
+        else:
+            if data_cfg.get("synthetic") and not root.exists():
+                from deepcontrol.data.synthetic import write_synthetic_cityscapes
 
-            write_synthetic_cityscapes(root, **data_cfg.synthetic)
-        log.info(f"preparing the {data_cfg.name} cache in {cache_dir} (once)")
-        manifest = prepare_cache(fmt, root, cache_dir, data_cfg.height, data_cfg.width)
+                write_synthetic_cityscapes(root, **data_cfg.synthetic)
+            log.info(f"preparing the {data_cfg.name} cache in {cache_dir} (once)")
+            manifest = prepare_cache(fmt, root, cache_dir, data_cfg.height, data_cfg.width)
     for split, expected in (data_cfg.get("expected_images") or {}).items():
         found = manifest["splits"][split]["num_images"]
         if found != expected:  # a partial download, or a deliberate subset

@@ -13,12 +13,14 @@ from deepcontrol.data import camvid, cityscapes
 
 @dataclass(frozen=True)
 class DatasetFormat:
-    """A layout on disk: its classes, how to list a split, and raw label value → train id."""
+    """A layout on disk: its classes, how to list a split, raw label value → train id, and
+    where a label's instance map is (None where the dataset has none)."""
 
     name: str
     class_names: tuple[str, ...]
     list_pairs: Callable[[Path, str], list[tuple[Path, Path]]]
     label_lut: Callable[[], np.ndarray]
+    instance_path: Callable[[Path], Path | None] = lambda label: None
 
     @property
     def num_classes(self) -> int:
@@ -27,7 +29,11 @@ class DatasetFormat:
 
 FORMATS: dict[str, DatasetFormat] = {
     "cityscapes": DatasetFormat(
-        "cityscapes", cityscapes.CLASS_NAMES, cityscapes.list_pairs, cityscapes.label_lut
+        "cityscapes",
+        cityscapes.CLASS_NAMES,
+        cityscapes.list_pairs,
+        cityscapes.label_lut,
+        cityscapes.instance_path,
     ),
     "camvid": DatasetFormat("camvid", camvid.CLASS_NAMES, camvid.list_pairs, camvid.label_lut),
 }
