@@ -11,21 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepcontrol.models.init import initialize
-from deepcontrol.nn import make_norm
+from deepcontrol.nn import ConvNormReLU
 
 MAX_WIDTH = 256  # "deeper and narrower (up to 256 filters)"
 CONTOUR_CHANNELS = 10  # decoder width = NumClasses + 10: the lateral contour path's share
-
-
-class ConvNormReLU(nn.Sequential):
-    """k×k conv (no bias: the norm's β replaces it), norm, ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, norm: str, kernel: int = 3) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
-            make_norm(norm, out_channels),
-            nn.ReLU(inplace=True),
-        )
 
 
 class ProjectedConv(nn.Sequential):

@@ -7,22 +7,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepcontrol.models.init import initialize
-from deepcontrol.nn import make_norm
+from deepcontrol.nn import ConvNormReLU
 
 # VGG16's 13 convs in five blocks, and the mirrored decoder (SegNet-Tutorial's prototxt).
 ENCODER = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 DECODER = ((512, 512, 512), (512, 512, 256), (256, 256, 128), (128, 64), (64,))
-
-
-class ConvNormReLU(nn.Sequential):
-    """3×3 conv (no bias: the norm's β replaces it), norm, ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            make_norm(norm, out_channels),
-            nn.ReLU(inplace=True),
-        )
 
 
 class SegNet(nn.Module):

@@ -1,6 +1,15 @@
 """Normalisation layers: the paper's AGC and the norms it is compared with."""
 
 from deepcontrol.nn.agc import AutoGainControl2d, agc_mean_scales
-from deepcontrol.nn.norms import NORMS, ChannelBias, make_norm
+from deepcontrol.nn.fused_agc import agc_relu
+from deepcontrol.nn.norms import NORMS, ChannelBias, ConvNormReLU, make_norm
 
-__all__ = ["NORMS", "AutoGainControl2d", "ChannelBias", "agc_mean_scales", "make_norm"]
+__all__ = [
+    "NORMS",
+    "AutoGainControl2d",
+    "ChannelBias",
+    "ConvNormReLU",
+    "agc_mean_scales",
+    "agc_relu",
+    "make_norm",
+]

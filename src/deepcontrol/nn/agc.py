@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepcontrol.nn.fused_agc import agc_relu
+
 
 class AutoGainControl2d(nn.Module):
     """Automatic gain control, eq. (1): ``out = (y - λ·mean_HW(y)) · γ + β``.
@@ -19,14 +21,25 @@ class AutoGainControl2d(nn.Module):
     by a standard deviation, so the layer is identical in train and eval mode, works at
     batch size 1 and couples no two samples.
 
-    This is the readable reference. Under autocast it casts its parameters to the
-    activation's dtype rather than up-casting the activation.
+    Under autocast it casts its parameters to the activation's dtype rather than
+    up-casting the activation. With ``relu=True`` the layer also applies the ReLU that
+    follows it. When training on CUDA (``fused=None``, or forced with ``fused=True``) it then
+    runs the fused ``agc_relu``, which saves no activation of its own. Elsewhere it runs this
+    readable reference; both compute the same values.
     """
 
-    def __init__(self, num_channels: int, mean_scale_init: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_channels: int,
+        mean_scale_init: float = 1.0,
+        relu: bool = False,
+        fused: bool | None = None,
+    ) -> None:
         super().__init__()
         self.num_channels = num_channels
         self.mean_scale_init = mean_scale_init
+        self.relu = relu
+        self.fused = fused
         self.mean_scale = nn.Parameter(torch.full((num_channels,), float(mean_scale_init)))
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -37,15 +50,20 @@ class AutoGainControl2d(nn.Module):
                 f"AutoGainControl2d({self.num_channels}) expects (N, {self.num_channels}, H, W), "
                 f"got {tuple(y.shape)}"
             )
+        fused = self.fused if self.fused is not None else y.is_cuda and torch.is_grad_enabled()
+        if self.relu and fused:
+            return agc_relu(y, self.mean_scale, self.weight, self.bias)
         shape = (1, self.num_channels, 1, 1)
         mean_scale = self.mean_scale.to(y.dtype).view(shape)
         weight = self.weight.to(y.dtype).view(shape)
         bias = self.bias.to(y.dtype).view(shape)
         mean = y.mean(dim=(2, 3), keepdim=True)
-        return (y - mean_scale * mean) * weight + bias
+        out = (y - mean_scale * mean) * weight + bias
+        return torch.relu(out) if self.relu else out
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, mean_scale_init={self.mean_scale_init}"
+        relu = ", relu=True" if self.relu else ""
+        return f"{self.num_channels}, mean_scale_init={self.mean_scale_init}{relu}"
 
 
 def agc_mean_scales(model: nn.Module) -> list[float]:

@@ -41,3 +41,16 @@ def make_norm(name: str, num_channels: int) -> nn.Module:
     if name not in NORMS:
         raise ValueError(f"unknown norm {name!r}: choose one of {', '.join(sorted(NORMS))}")
     return NORMS[name](num_channels)
+
+
+class ConvNormReLU(nn.Sequential):
+    """k×k conv (no bias: the norm's β replaces it), norm, ReLU. With AGC the ReLU is part of
+    the norm layer, which then runs fused on CUDA (``deepcontrol.nn.fused_agc``); the
+    parameters keep the same names either way (conv ``0``, norm ``1``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, kernel: int = 3) -> None:
+        conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
+        if norm == "agc":
+            super().__init__(conv, AutoGainControl2d(out_channels, relu=True))
+        else:
+            super().__init__(conv, make_norm(norm, out_channels), nn.ReLU(inplace=True))
