@@ -1,9 +1,9 @@
-# deepcontrol: make demo | make test | make lint | make reproduce-fig1 | make fig1-smoke
+# deepcontrol: make demo | make test | make lint | make reproduce-fig1 | make fig1-smoke | make bench
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean reproduce-fig1 fig1-smoke
+.PHONY: install demo test lint clean reproduce-fig1 fig1-smoke bench
 
 # make reproduce-fig1 [DATA=cityscapes|camvid] [ARGS="epochs=30 ..."] [LAUNCHER=gpu_pool|basic|slurm]
 DATA ?= cityscapes
@@ -44,6 +44,12 @@ fig1-smoke: install
 		hydra.sweep.dir=$(SMOKE_OUT)/runs
 	$(BIN)/python scripts/collect_results.py $(SMOKE_OUT)/runs $(SMOKE_RESULTS)
 	$(BIN)/python scripts/plot_fig1.py $(SMOKE_RESULTS) $(SMOKE_ARGS)
+
+# Training-step speed and memory per norm, batch, precision and mode: results/benchmark.md
+# (the full grid needs a CUDA GPU; on a CPU a reduced grid checks the code).
+BENCH_OUT ?= results
+bench: install
+	$(BIN)/python scripts/benchmark.py --out $(BENCH_OUT)
 
 test: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q

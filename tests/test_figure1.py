@@ -90,6 +90,21 @@ def test_gpu_pool_gives_each_run_its_own_device(synthetic_root, tmp_path):
     assert all((Path(s["run_dir"]) / "launcher.log").is_file() for s in summaries)
 
 
+def test_submitit_runs_each_run_as_a_job(synthetic_root, tmp_path):
+    # submitit_local pickles and runs the jobs as the slurm launcher does, without a cluster
+    command = [
+        sys.executable, "-m", "deepcontrol.train", "-m", "experiment=fig1c", "data=synthetic",
+        f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.height=32",
+        "data.width=64", "epochs=1", "device=cpu", "logger=none", "train.progress=false",
+        "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")]
+    assert sorted(s["status"] for s in summaries) == ["finished", "finished"]
+    assert (tmp_path / ".submitit").is_dir()
+
+
 def test_fig1_smoke_runs_end_to_end_and_resumes_as_a_no_op(tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     make = ["make", "-C", str(REPO), "fig1-smoke", f"VENV={sys.prefix}", f"SMOKE_OUT={out}",

@@ -93,3 +93,22 @@ def test_fused_matches_reference_on_cuda(dtype):
     reference = forward_backward(False, y, upstream)
     for got, want in zip(fused, reference, strict=True):
         assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.slow
+def test_fused_layer_compiles_to_the_same_values():
+    from deepcontrol.train import compile_model
+
+    shape = (2, 6, 9, 11)
+    generator = torch.Generator().manual_seed(3)
+    y, upstream = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    eager = forward_backward(True, y, upstream)
+    agc = layer(6, fused=True)
+    compiled = compile_model(agc, "default")
+    y = y.clone().requires_grad_(True)
+    (compiled(y) * upstream).sum().backward()
+    got = [y.grad, agc.mean_scale.grad, agc.weight.grad, agc.bias.grad]
+    for g, want in zip(got, eager[1:], strict=True):
+        assert relative_error(g, want) <= 1e-5
+    with pytest.raises(ValueError, match="train.compile must be false or one of"):
+        compile_model(agc, "fastest")

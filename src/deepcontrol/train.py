@@ -57,6 +57,24 @@ def build_optimizer(optim_cfg: DictConfig, model: torch.nn.Module) -> torch.opti
     )
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def compile_model(model: torch.nn.Module, mode: str | bool) -> torch.nn.Module:
+    """``torch.compile`` the training forward (and so backward) for ``train.compile``:
+    false, or a mode; ``reduce-overhead`` adds CUDA graphs, which pay off most at small
+    batches where launch overhead dominates."""
+    if mode is False or mode in (None, "false"):
+        return model
+    if mode is True:
+        mode = "default"
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"train.compile must be false or one of {', '.join(COMPILE_MODES)}, got {mode!r}"
+        )
+    return torch.compile(model, mode=mode)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -64,7 +82,14 @@ def seed_everything(seed: int) -> None:
 
 
 # Settings that may change between a run and its resumption without changing the run.
-RESUMABLE_CHANGES = ("device", "logger", "train.progress", "train.resume")
+RESUMABLE_CHANGES = (
+    "device",
+    "logger",
+    "train.progress",
+    "train.resume",
+    "train.compile",
+    "train.channels_last",
+)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -167,6 +192,8 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
         where = f" and {data.train.state_dict()['position']} steps" if running else ""
         log.info(f"resuming {run_dir} after epoch {start_epoch}{where}")
     model = wrap_model(model, place, cfg.norm.sync)
+    net = unwrap(model)  # the network itself: checkpoints, evaluation, λ
+    model = compile_model(model, cfg.train.compile)
 
     samples_per_epoch = data.train.num_samples - data.train.dropped_per_epoch
     facts = {
@@ -211,7 +238,7 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
                 state = {"epoch": epoch - 1, "history": logger.history, "best": best,
                          "config": resolved, "running": stats["running"]}  # fmt: skip
                 if place.is_main:
-                    save_checkpoint(last, unwrap(model), state, optimizer, data.train)
+                    save_checkpoint(last, net, state, optimizer, data.train)
                 log.info(f"stopped in epoch {epoch}; the same command resumes from {last}")
                 summary.update(status="interrupted", signal=getattr(stop, "signum", None))
                 break
@@ -220,10 +247,8 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
                 summary.update(status="diverged", diverged_epoch=epoch)
                 break
             broadcast_buffers(model)
-            metrics, iou = evaluate(
-                unwrap(model), data.val, loss_fn, data.num_classes, cfg.train.precision
-            )
-            lambdas = agc_mean_scales(model)
+            metrics, iou = evaluate(net, data.val, loss_fn, data.num_classes, cfg.train.precision)
+            lambdas = agc_mean_scales(net)
             row = {
                 "epoch": epoch,
                 "samples_seen": epoch * samples_per_epoch,
@@ -239,9 +264,9 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
                 best = {"val_pixel_error": metrics["val_pixel_error"], "epoch": epoch}
             state = {"epoch": epoch, "history": logger.history, "best": best, "config": resolved}
             if place.is_main:
-                save_checkpoint(last, unwrap(model), state, optimizer, data.train)
+                save_checkpoint(last, net, state, optimizer, data.train)
                 if best["epoch"] == epoch:  # weights only: best.pt evaluates, last.pt resumes
-                    save_checkpoint(best_path, unwrap(model), state)
+                    save_checkpoint(best_path, net, state)
             log.info(
                 f"epoch {epoch:3d}/{cfg.epochs}  train loss {stats['train_loss']:.4f}  val loss "
                 f"{metrics['val_loss']:.4f}  val pixel error {metrics['val_pixel_error']:.4f}  "

@@ -1,0 +1,36 @@
+"""Benchmark SegNet's training step per norm, batch, precision and mode (``make bench``).
+
+python scripts/benchmark.py [--out results] [--reduced]
+    On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-naive/none, eager, compiled and
+    CUDA graphs, bf16 and fp32, the largest batch under 12 GiB, the training loop against
+    the bare step, the issue's targets and Figure 1's GPU-hours. Without a GPU (or with
+    --reduced) a small grid on the CPU. Writes OUT/benchmark.md and OUT/benchmark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from deepcontrol.benchmark import Config, run_benchmark, write_report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--reduced", action="store_true", help="the small CPU grid")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = Config.reduced() if args.reduced or device.type == "cpu" else Config()
+    if device.type == "cpu":
+        print("no CUDA GPU: running the reduced grid on the CPU (code paths, not the targets)")
+    report = run_benchmark(cfg, device)
+    write_report(report, args.out, "python " + " ".join(sys.argv))
+    print((args.out / "benchmark.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

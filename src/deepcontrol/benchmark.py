@@ -1,0 +1,361 @@
+"""Training-step speed and memory of SegNet per norm, batch, precision and execution mode.
+
+``make bench`` (``scripts/benchmark.py``) runs ``run_benchmark`` and writes
+``results/benchmark.md`` and ``.json``. Times are medians of full SGD steps (forward, loss,
+backward, optimiser) after warm-up, taken with CUDA events on a GPU. On a CPU a reduced
+grid runs, so that the code stays tested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deepcontrol.atomic import write_atomic
+from deepcontrol.data.loader import DeviceBatches
+from deepcontrol.engine import autocast, train_one_epoch
+from deepcontrol.losses import pixel_cross_entropy
+from deepcontrol.models import SegNet
+from deepcontrol.nn import AutoGainControl2d
+from deepcontrol.train import compile_model
+
+# "agc-naive": the reference AGC and a separate ReLU, as a plain PyTorch user would write it.
+NORMS = ("bn", "agc", "agc-naive", "none")
+MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="reduce-overhead")
+# Figure 1's runs: (network, batch) per run, 150 epochs of 2975 images + 500 validation each.
+FIG1_RUNS = ((1, 2), (4, 4), (8, 6))  # (batch, how many runs): 12 runs in all
+FIG1_EPOCHS, FIG1_TRAIN, FIG1_VAL = 150, 2975, 500
+
+
+@dataclass
+class Setting:
+    norm: str
+    batch: int
+    precision: str
+    mode: str
+
+
+@dataclass
+class Result(Setting):
+    ms_per_step: float = math.nan
+    peak_gib: float = math.nan
+    error: str = ""
+
+    @property
+    def images_per_s(self) -> float:
+        return 1000 * self.batch / self.ms_per_step
+
+
+@dataclass
+class Config:
+    height: int = 256
+    width: int = 512
+    batches: tuple[int, ...] = (1, 4, 8, 16)
+    norms: tuple[str, ...] = NORMS
+    precisions: tuple[str, ...] = ("bf16", "fp32")
+    modes: tuple[str, ...] = MODES
+    warmup: int = 10
+    steps: int = 30
+    memory_cap_gib: float | None = 12.0  # the paper's TitanX
+    loop_steps: int = 200
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def reduced(cls) -> Config:
+        """What a CPU can run in seconds: the code paths, not the numbers."""
+        return cls(height=64, width=128, batches=(1, 2), norms=("bn", "agc", "none"),
+                   precisions=("fp32",), modes=("eager",), warmup=1, steps=3,
+                   memory_cap_gib=None, loop_steps=4)  # fmt: skip
+
+
+def build(norm: str, device: torch.device, channels_last: bool) -> nn.Module:
+    model = SegNet(num_classes=19, norm="agc" if norm.startswith("agc") else norm).to(device)
+    if norm == "agc-naive":
+        for module in model.modules():
+            if isinstance(module, AutoGainControl2d):
+                module.fused = False
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _clock(device: torch.device) -> tuple:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        return start.record, lambda: (end.record(), end.synchronize(), start.elapsed_time(end))[2]
+    started = []
+    return (lambda: started.append(time.perf_counter()),
+            lambda: 1000 * (time.perf_counter() - started.pop()))  # fmt: skip
+
+
+def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
+    """Median ms of one full SGD step, and peak memory, for ``setting``."""
+    result = Result(**asdict(setting))
+    try:
+        torch.manual_seed(0)
+        model = build(setting.norm, device, channels_last=device.type == "cuda")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        mode = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
+        step_model = compile_model(model, mode[setting.mode])
+        images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
+        images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(cfg.warmup + cfg.steps):
+            start, stop = _clock(device)
+            start()
+            with autocast(device, setting.precision):
+                loss = pixel_cross_entropy(step_model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            elapsed = stop()
+            if i >= cfg.warmup:
+                times.append(elapsed)
+        result.ms_per_step = statistics.median(times)
+        if device.type == "cuda":
+            result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    except torch.OutOfMemoryError:
+        result.error = "out of memory"
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.device) -> int:
+    """The largest batch (powers of two, then bisection) whose training step fits in
+    ``cfg.memory_cap_gib``, as ``torch.cuda.set_per_process_memory_fraction`` enforces it."""
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gib / total), device)
+    small = Config(**{**asdict(cfg), "warmup": 1, "steps": 1})
+
+    def fits(batch: int) -> bool:
+        return not measure_step(Setting(norm, batch, precision, "eager"), small, device).error
+
+    try:
+        low, high = 0, 1
+        while fits(high):
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def loop_efficiency(norm: str, batch: int, precision: str, cfg: Config,
+                    device: torch.device) -> dict:  # fmt: skip
+    """The whole training loop (device-resident uint8 data, normalisation, loss, optimiser,
+    logging syncs) against the bare step on the same batch: images per second of each."""
+    samples = batch * cfg.loop_steps
+    images = torch.randint(0, 256, (samples, cfg.height, cfg.width, 3), dtype=torch.uint8)
+    labels = torch.randint(0, 19, (samples, cfg.height, cfg.width), dtype=torch.uint8)
+    batches = DeviceBatches(images, labels, batch, [128.0] * 3, [1.0] * 3, shuffle=True,
+                            device=device)  # fmt: skip
+    torch.manual_seed(0)
+    model = build(norm, device, channels_last=device.type == "cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def loss_fn(outputs, target, contours=None):
+        return pixel_cross_entropy(outputs, target)
+
+    train_one_epoch(model, batches, optimizer, loss_fn, precision)  # warm-up epoch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    train_one_epoch(model, batches, optimizer, loss_fn, precision)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    loop = samples / (time.perf_counter() - started)
+    bare = measure_step(Setting(norm, batch, precision, "eager"), cfg, device).images_per_s
+    return {"norm": norm, "batch": batch, "precision": precision, "loop_images_per_s": loop,
+            "bare_step_images_per_s": bare, "ratio": loop / bare}  # fmt: skip
+
+
+def environment(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "cpu": platform.processor() or platform.machine()}  # fmt: skip
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())  # fmt: skip
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.CalledProcessError):
+            info["driver"] = "unknown (nvidia-smi failed)"
+    return info
+
+
+def run_benchmark(cfg: Config, device: torch.device) -> dict:
+    """Every step timing of ``cfg``, the memory-cap search and the loop efficiency."""
+    results = []
+    for precision in cfg.precisions:
+        for mode in cfg.modes:
+            for batch in cfg.batches:
+                for norm in cfg.norms:
+                    result = measure_step(Setting(norm, batch, precision, mode), cfg, device)
+                    results.append(result)
+                    print(f"{precision:5s} {mode:10s} batch {batch:2d} {norm:9s} "
+                          f"{result.ms_per_step:8.2f} ms  {result.peak_gib:6.2f} GiB peak "
+                          f"{result.error}", flush=True)  # fmt: skip
+    steps = [{**asdict(r), "images_per_s": r.images_per_s} for r in results]
+    report = {"environment": environment(device), "config": asdict(cfg), "steps": steps}
+    if cfg.memory_cap_gib and device.type == "cuda":
+        report["max_batch_under_cap"] = {
+            norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
+            for norm in ("bn", "agc")
+        }
+    batch = 8 if 8 in cfg.batches else cfg.batches[-1]
+    report["loop"] = [loop_efficiency(norm, batch, cfg.precisions[0], cfg, device)
+                      for norm in ("bn", "agc")]  # fmt: skip
+    report["targets"] = targets(report) if device.type == "cuda" else []
+    report["figure1_cost"] = figure1_cost(report) if device.type == "cuda" else None
+    return report
+
+
+def _best(report: dict, norm: str, batch: int, precision: str, modes: tuple[str, ...]) -> dict:
+    rows = [r for r in report["steps"] if (r["norm"], r["batch"], r["precision"]) ==
+            (norm, batch, precision) and r["mode"] in modes and not r["error"]]  # fmt: skip
+    return min(rows, key=lambda r: r["ms_per_step"]) if rows else None
+
+
+def targets(report: dict) -> list[dict]:
+    """The issue's targets, each with its measured ratio and whether it is met."""
+    out = []
+
+    def add(name: str, value: float | None, bar: float, at_least: bool) -> None:
+        met = value is not None and (value >= bar if at_least else value <= bar)
+        out.append({"target": name, "value": value, "bar": bar, "met": met})
+
+    precision = report["config"]["precisions"][0]
+    for batch in (1, 8):
+        for mode in ("eager", "compile"):
+            agc = _best(report, "agc", batch, precision, (mode,))
+            floor = _best(report, "none", batch, precision, (mode,))
+            add(
+                f"batch {batch}, {mode}: AGC step / no-norm floor",
+                agc and floor and agc["ms_per_step"] / floor["ms_per_step"],
+                1.10,
+                False,
+            )
+        agc_best = _best(report, "agc", batch, precision, MODES)
+        bn_eager = _best(report, "bn", batch, precision, ("eager",))
+        bn_best = _best(report, "bn", batch, precision, MODES)
+        add(
+            f"batch {batch}: AGC throughput / eager BN",
+            agc_best and bn_eager and bn_eager["ms_per_step"] / agc_best["ms_per_step"],
+            1.3,
+            True,
+        )
+        add(
+            f"batch {batch}: AGC throughput / best BN",
+            agc_best and bn_best and bn_best["ms_per_step"] / agc_best["ms_per_step"],
+            1.1,
+            True,
+        )
+        agc_eager = _best(report, "agc", batch, precision, ("eager",))
+        bn = _best(report, "bn", batch, precision, ("eager",))
+        add(
+            f"batch {batch}: AGC peak memory / BN (eager)",
+            agc_eager and bn and agc_eager["peak_gib"] / bn["peak_gib"],
+            0.8,
+            False,
+        )
+    for norm in ("bn", "agc"):
+        eager = _best(report, norm, 1, precision, ("eager",))
+        best = _best(report, norm, 1, precision, MODES)
+        add(
+            f"batch 1, {norm}: best throughput / eager",
+            eager and best and eager["ms_per_step"] / best["ms_per_step"],
+            3.0,
+            True,
+        )
+    cap = report.get("max_batch_under_cap")
+    if cap:
+        add(
+            f"largest batch under {report['config']['memory_cap_gib']} GiB: AGC / BN",
+            cap["agc"] / max(cap["bn"], 1),
+            1.3,
+            True,
+        )
+    for loop in report["loop"]:
+        add(
+            f"training loop / bare step, {loop['norm']}, batch {loop['batch']}",
+            loop["ratio"],
+            0.9,
+            True,
+        )
+    return out
+
+
+def figure1_cost(report: dict) -> dict:
+    """H100-hours for Figure 1's 12 runs from the measured best AGC/BN step times.
+
+    Each run: 150 epochs of 2975 training images at its batch, plus 500 validation images
+    per epoch (forward only, counted as a third of a training step per image). ClassNet's runs
+    (batch 4) are costed at SegNet's speed, an upper bound since ClassNet has 6× fewer MACs."""
+    precision = report["config"]["precisions"][0]
+    hours = 0.0
+    for batch, runs in FIG1_RUNS:
+        step = max(_best(report, n, batch, precision, MODES)["ms_per_step"] for n in ("bn", "agc"))
+        steps = FIG1_EPOCHS * (math.ceil(FIG1_TRAIN / batch) + FIG1_VAL / batch / 3)
+        hours += runs * steps * step / 1000 / 3600
+    return {"gpu_hours": hours, "runs": sum(r for _, r in FIG1_RUNS), "precision": precision}
+
+
+def write_report(report: dict, out_dir: Path, command: str) -> None:
+    """``benchmark.json`` (everything) and ``benchmark.md`` (tables, targets, cost)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "benchmark.json", json.dumps(report, indent=1) + "\n")
+    env = report["environment"]
+    lines = ["# Training-step benchmark: SegNet", "",
+             f"Command: `{command}`", "",
+             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+             f"Input {report['config']['height']}×{report['config']['width']}, full SGD step, "
+             f"median of {report['config']['steps']} steps after {report['config']['warmup']} "
+             "warm-up steps. Peak memory is torch.cuda.max_memory_allocated.", "",
+             "| precision | mode | batch | norm | ms/step | images/s | peak GiB |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["steps"]:
+        peak = "—" if math.isnan(r["peak_gib"]) else f"{r['peak_gib']:.2f}"
+        lines.append(f"| {r['precision']} | {r['mode']} | {r['batch']} | {r['norm']} | "
+                     f"{r['ms_per_step']:.2f} | {r['images_per_s']:.1f} | {peak} |"
+                     + (f" {r['error']} |" if r["error"] else ""))  # fmt: skip
+    if "max_batch_under_cap" in report:
+        found = ", ".join(f"{k} {v}" for k, v in report["max_batch_under_cap"].items())
+        lines += ["", f"Largest batch under {report['config']['memory_cap_gib']} GiB: {found}"]
+    lines += ["", "| training loop | batch | loop images/s | bare step images/s | ratio |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for loop in report["loop"]:
+        lines.append(f"| {loop['norm']} | {loop['batch']} | {loop['loop_images_per_s']:.1f} | "
+                     f"{loop['bare_step_images_per_s']:.1f} | {loop['ratio']:.2f} |")  # fmt: skip
+    if report["targets"]:
+        lines += ["", "| target | measured | bar | met |", "|---|---|---|---|"]
+        for t in report["targets"]:
+            value = "—" if t["value"] is None else f"{t['value']:.2f}"
+            lines.append(f"| {t['target']} | {value} | {t['bar']} | "
+                         f"{'yes' if t['met'] else 'no'} |")  # fmt: skip
+    else:
+        lines += ["", "Targets: not assessed, no CUDA GPU (a reduced CPU run)."]
+    if report["figure1_cost"]:
+        cost = report["figure1_cost"]
+        hours = f"{cost['gpu_hours']:.2f} GPU-hours on this GPU (target ≤ 4 H100-hours)"
+        lines += ["", f"Figure 1 ({cost['runs']} runs, {cost['precision']}): {hours}."]
+    write_atomic(out_dir / "benchmark.md", "\n".join(lines) + "\n")

@@ -1,0 +1,61 @@
+"""The benchmark's code paths on the CPU, and its verdicts on known numbers."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from deepcontrol.benchmark import Config, figure1_cost, run_benchmark, targets, write_report
+
+pytestmark = pytest.mark.slow
+
+
+def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
+    cfg = Config(height=32, width=64, batches=(1, 2), norms=("bn", "agc", "agc-naive", "none"),
+                 precisions=("fp32",), modes=("eager",), warmup=1, steps=2,
+                 memory_cap_gib=None, loop_steps=2)  # fmt: skip
+    report = run_benchmark(cfg, torch.device("cpu"))
+    assert len(report["steps"]) == 8
+    assert all(r["ms_per_step"] > 0 and not r["error"] for r in report["steps"])
+    assert all(loop["ratio"] > 0 for loop in report["loop"]) and report["targets"] == []
+    write_report(report, tmp_path, "pytest")
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "| fp32 | eager | 2 | agc-naive |" in text and "Targets: not assessed" in text
+    assert json.loads((tmp_path / "benchmark.json").read_text())["environment"]["device"] == "cpu"
+
+
+def fake_report(ms: dict, peak: dict, loop_ratio: float = 0.95) -> dict:
+    steps = [{"norm": n, "batch": b, "precision": "bf16", "mode": m, "ms_per_step": t,
+              "peak_gib": peak.get((n, b), math.nan), "error": ""}
+             for (n, b, m), t in ms.items()]  # fmt: skip
+    return {"config": {"precisions": ["bf16"], "memory_cap_gib": 12.0}, "steps": steps,
+            "max_batch_under_cap": {"bn": 10, "agc": 14},
+            "loop": [{"norm": "agc", "batch": 8, "ratio": loop_ratio}]}  # fmt: skip
+
+
+def test_targets_are_judged_from_the_measured_ratios():
+    ms = {}
+    for b, scale in ((1, 1.0), (4, 2.0), (8, 4.0)):
+        ms |= {("none", b, "eager"): 10 * scale, ("agc", b, "eager"): 10.5 * scale,
+               ("bn", b, "eager"): 15 * scale, ("none", b, "compile"): 9 * scale,
+               ("agc", b, "compile"): 9.5 * scale, ("bn", b, "compile"): 11 * scale,
+               ("agc", b, "cudagraphs"): 3 * scale if b == 1 else 9.5 * scale,
+               ("bn", b, "cudagraphs"): 4 * scale if b == 1 else 11 * scale}  # fmt: skip
+    peak = {("agc", 1): 1.0, ("bn", 1): 1.5, ("agc", 8): 2.5, ("bn", 8): 2.9}
+    verdicts = {
+        t["target"]: (round(t["value"], 3), t["met"]) for t in targets(fake_report(ms, peak))
+    }
+    assert verdicts["batch 8, eager: AGC step / no-norm floor"] == (1.05, True)
+    assert verdicts["batch 8: AGC throughput / eager BN"] == (round(60 / 38, 3), True)
+    assert verdicts["batch 8: AGC throughput / best BN"] == (round(44 / 38, 3), True)
+    assert verdicts["batch 8: AGC peak memory / BN (eager)"] == (round(2.5 / 2.9, 3), False)
+    assert verdicts["batch 1, bn: best throughput / eager"] == (3.75, True)
+    assert verdicts["largest batch under 12.0 GiB: AGC / BN"] == (1.4, True)
+    assert verdicts["training loop / bare step, agc, batch 8"] == (0.95, True)
+    # 12 runs of 150 epochs: at 10 ms a step for every batch size
+    flat = {(n, b, "eager"): 10.0 for n in ("bn", "agc") for b in (1, 4, 8)}
+    hours = figure1_cost(fake_report(flat, {}))["gpu_hours"]
+    steps = sum(runs * 150 * (math.ceil(2975 / b) + 500 / b / 3) for b, runs in
+                ((1, 2), (4, 4), (8, 6)))  # fmt: skip
+    assert hours == pytest.approx(steps * 0.01 / 3600)
