@@ -94,6 +94,30 @@ def test_same_seed_same_metrics_and_resume_after_sigterm_matches(
     assert "lambda_01" in read_metrics(tmp_path / "a")[0]  # λ per AGC layer, each epoch
 
 
+def test_a_signal_during_validation_stops_after_the_epoch(
+    synthetic_root, cache, tmp_path, monkeypatch
+):
+    cfg = tiny_config(synthetic_root, cache, *SIZE, "norm=agc")
+    train(cfg, tmp_path / "a")
+    sent = []
+
+    def sigterm_in_validation(logits, labels, weights):
+        if not torch.is_grad_enabled() and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return pixel_cross_entropy(logits, labels, weights)
+
+    with monkeypatch.context() as patch:
+        patch.setattr("deepcontrol.losses.pixel_cross_entropy", sigterm_in_validation)
+        assert train(cfg, tmp_path / "b")["status"] == "interrupted"
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["loader"]["position"] == 0
+    assert train(cfg, tmp_path / "b")["status"] == "finished"
+    drop = ("seconds",)
+    rows = [[{k: str(v) for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / d)]
+            for d in ("a", "b")]  # fmt: skip
+    assert rows[0] == rows[1]
+
+
 def test_a_crash_after_a_checkpoint_resumes(synthetic_root, cache, tmp_path, monkeypatch):
     cfg = tiny_config(synthetic_root, cache, *SIZE)
     train(cfg, tmp_path / "a")

@@ -55,6 +55,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds in any process (so that all of them act alike)."""
+    return all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0
+
+
 def broadcast_buffers(model: nn.Module) -> None:
     """Give every process rank 0's buffers (BN running statistics) before evaluation."""
     if dist.is_initialized():

@@ -26,7 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 from deepcontrol.atomic import write_atomic
 from deepcontrol.config import CONFIG_DIR
 from deepcontrol.data import build_data, ensure_cache
-from deepcontrol.distributed import broadcast_buffers, init_distributed, unwrap, wrap_model
+from deepcontrol.distributed import (
+    any_process,
+    broadcast_buffers,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
 from deepcontrol.engine import evaluate, load_checkpoint, save_checkpoint, train_one_epoch
 from deepcontrol.logging import RunLogger, read_json
 from deepcontrol.losses import build_loss
@@ -168,6 +174,8 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
 
     seed_everything(cfg.seed)
     place, device = init_distributed(resolve_device(cfg.device))
+    if not place.is_main:  # one process speaks for the run
+        log.setLevel(logging.WARNING)
     if place.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ensure_cache(cfg.data)  # once, before the other processes read it
@@ -274,6 +282,10 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
             )
             summary.update(_results(logger.history, best))
             logger.write_summary(summary)
+            if epoch < cfg.epochs and any_process(stop.is_set(), device):  # during validation
+                log.info(f"stopped after epoch {epoch}; the same command resumes from {last}")
+                summary.update(status="interrupted", signal=getattr(stop, "signum", None))
+                break
         else:
             summary["status"] = "finished"
     summary.update(_results(logger.history, best))
