@@ -166,3 +166,24 @@ def test_claims_are_measured_from_the_runs():
     assert lines[0].startswith("segnet, batch 4, lr 0.08: final error AGC 10.00% vs BN 10.00%")
     assert "batch 1 − mean of 4 and 8 = +2.00 points" in lines[1]
     assert "spread 1.00 points" in lines[2]
+
+
+def test_lambda_figure_follows_segnet_and_skips_other_networks_layers(tmp_path, monkeypatch):
+    def run(model, lambdas):
+        base = dict(model=model, norm="agc", batch_size=4.0, lr=0.08)
+        return [{**base, "epoch": float(e), **{f"lambda_{i:02d}": v + e / 10 for i, v in
+                 enumerate(lambdas, 1)}} for e in (1, 2)]  # fmt: skip
+
+    runs = {"classnet-agc": run("classnet", [1.0, 0.9, 0.8, 0.7]),
+            "segnet-agc": run("segnet", [1.0, 0.5, math.nan, math.nan])}  # fmt: skip
+    drawn = []
+    monkeypatch.setattr("deepcontrol.figure1._save", lambda fig, stem: drawn.append(fig))
+    from deepcontrol.figure1 import draw_lambda
+
+    assert draw_lambda(runs, tmp_path)
+    left, right = drawn[0].axes
+    assert "segnet-agc" in right.get_title()
+    assert [line.get_label() for line in right.get_lines()] == ["layer 1", "layer 2"]
+    assert all(math.isfinite(y) for line in right.get_lines() for y in line.get_ydata())
+    assert len(left.get_lines()) == 3  # two runs and the λ = 1 guide
+    plt.close(drawn[0])

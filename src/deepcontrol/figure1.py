@@ -120,7 +120,7 @@ def draw_figure1(runs: dict, overrides: list[str], out_dir: Path) -> dict[str, l
 
 def draw_lambda(runs: dict, out_dir: Path) -> bool:
     """λ of the AGC runs: mean λ per layer against depth at the end of training (left), and
-    λ of selected layers against epoch for the batch-4 run, else the first (right).
+    λ of five layers against epoch for SegNet's batch-4 run when there is one (right).
 
     Returns False (and draws nothing) when no run has λ columns."""
     agc = {n: [r for r in rows if not math.isnan(r.get("lambda_01", math.nan))]
@@ -129,28 +129,40 @@ def draw_lambda(runs: dict, out_dir: Path) -> bool:
     if not agc:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+
+    def label(rows: list[dict]) -> str:
+        return f"{rows[0]['model']}, {_curve_label(rows, ('batch', 'lr'))}"
+
+    def layers(row: dict) -> list[int]:  # runs.csv has every network's λ columns
+        return sorted(int(k.split("_")[1]) for k, v in row.items()
+                      if k.startswith("lambda_") and not math.isnan(v))  # fmt: skip
+
     for _, rows in sorted(agc.items()):
         final = rows[-1]
-        depths = sorted(int(k.split("_")[1]) for k in final if k.startswith("lambda_"))
-        label = f"{_curve_label(rows, ('batch', 'lr'))} (epoch {final['epoch']:g})"
-        left.plot(depths, [final[f"lambda_{d:02d}"] for d in depths], marker=".", label=label)
-    left.set(xlabel="layer (depth)", ylabel="mean λ over channels",
-             title="λ per layer at the end of training")  # fmt: skip
+        depths = layers(final)
+        left.plot(depths, [final[f"lambda_{d:02d}"] for d in depths], marker=".",
+                  label=f"{label(rows)} (epoch {final['epoch']:g})")  # fmt: skip
+    left.set(xlabel="AGC layer (forward order: input → classifier)",
+             ylabel="mean λ over channels", title="λ per layer at the end of training")  # fmt: skip
     left.axhline(1.0, color="0.6", lw=0.8, ls="--")
     left.legend(fontsize=7)
-    chosen = next((n for n in sorted(agc) if agc[n][0]["batch_size"] == 4), sorted(agc)[0])
-    rows = agc[chosen]
-    depths = sorted(int(k.split("_")[1]) for k in rows[-1] if k.startswith("lambda_"))
+    # the right panel follows panel (c)'s AGC run when there is one
+    order = sorted(
+        agc, key=lambda n: (agc[n][0]["model"] != "segnet", agc[n][0]["batch_size"] != 4, n)
+    )
+    rows = agc[order[0]]
+    depths = layers(rows[-1])
     picks = sorted({depths[0], depths[len(depths) // 4], depths[len(depths) // 2],
                     depths[3 * len(depths) // 4], depths[-1]})  # fmt: skip
     for d in picks:
         right.plot([r["epoch"] for r in rows], [r[f"lambda_{d:02d}"] for r in rows],
                    label=f"layer {d}")  # fmt: skip
-    right.set(xlabel="epoch", ylabel="mean λ over channels", title=f"λ against epoch: {chosen}")
+    right.set(xlabel="epoch", ylabel="mean λ over channels", title=f"λ against epoch: {order[0]}")
     right.title.set_fontsize(8)
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)
     fig.tight_layout()
     _save(fig, out_dir / "lambda")
     return True
