@@ -197,7 +197,7 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
         state = load_checkpoint(last, model, optimizer, data.train, device)
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         running = state.get("running")
-        where = f" and {data.train.state_dict()['position']} steps" if running else ""
+        where = f" and {state['loader']['position']} steps" if running else ""
         log.info(f"resuming {run_dir} after epoch {start_epoch}{where}")
     model = wrap_model(model, place, cfg.norm.sync)
     net = unwrap(model)  # the network itself: checkpoints, evaluation, λ
