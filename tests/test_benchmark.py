@@ -59,3 +59,11 @@ def test_targets_are_judged_from_the_measured_ratios():
     steps = sum(runs * 150 * (math.ceil(2975 / b) + 500 / b / 3) for b, runs in
                 ((1, 2), (4, 4), (8, 6)))  # fmt: skip
     assert hours == pytest.approx(steps * 0.01 / 3600)
+
+
+def test_compiled_modes_run_only_where_the_targets_look():
+    settings = Config().settings()
+    compiled = [s for s in settings if s.mode != "eager"]
+    assert len(settings) - len(compiled) == 4 * 4 * 2  # eager: every batch, norm, precision
+    assert {(s.batch, s.precision) for s in compiled} == {(1, "bf16"), (8, "bf16")}
+    assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 12
