@@ -145,6 +145,17 @@ def test_finished_run_is_not_trained_again(synthetic_root, cache, tmp_path):
     assert (tmp_path / "metrics.csv").read_text() == before
 
 
+def test_a_run_being_trained_elsewhere_is_left_alone(synthetic_root, cache, tmp_path):
+    from deepcontrol.locks import exclusive_lock
+
+    cfg = tiny_config(synthetic_root, cache, *SIZE, "epochs=1")
+    with exclusive_lock(tmp_path / ".lock") as held:  # as another process would hold it
+        assert held
+        assert train(cfg, tmp_path)["status"] == "busy"
+        assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+    assert train(cfg, tmp_path)["status"] == "finished"
+
+
 def test_divergence_is_recorded_not_raised(synthetic_root, cache, tmp_path):
     summary = train(tiny_config(synthetic_root, cache, *SIZE, "optim.lr=1e30"), tmp_path)
     assert summary["status"] == "diverged" and summary["diverged_epoch"] == 1

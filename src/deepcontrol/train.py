@@ -34,6 +34,7 @@ from deepcontrol.distributed import (
     wrap_model,
 )
 from deepcontrol.engine import evaluate, load_checkpoint, save_checkpoint, train_one_epoch
+from deepcontrol.locks import exclusive_lock
 from deepcontrol.logging import RunLogger, read_json
 from deepcontrol.losses import build_loss
 from deepcontrol.models import build_model, model_outputs_contours
@@ -159,11 +160,22 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
     With ``train.resume`` a finished run is returned as it is and an unfinished one goes
     on from ``last.pt``. SIGTERM or SIGINT checkpoints mid-epoch and returns with status
     ``interrupted``. Under ``torchrun`` the processes share the run (DDP); rank 0 alone
-    writes.
+    writes. A run directory that another process is training (a sweep launched twice, a
+    requeued job whose first copy still runs) is left alone: status ``busy``.
     """
     if not logging.getLogger().handlers:  # called outside Hydra, which sets logging up
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = Path(output_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 holds the lock for all processes
+        return _train(cfg, run_dir)
+    with exclusive_lock(run_dir / ".lock", wait=False) as free:
+        if not free:
+            log.warning(f"{run_dir}: another process is training this run; leaving it alone")
+            return {"status": "busy", "run_dir": str(run_dir)}
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.train.resume:
         check_same_run(run_dir, resolved)

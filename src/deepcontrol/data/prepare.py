@@ -10,14 +10,11 @@ contours come from instance maps or, where a dataset has none, from class bounda
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +26,7 @@ from deepcontrol.data import cityscapes
 from deepcontrol.data.class_weights import enet_class_weights
 from deepcontrol.data.io import IGNORE_INDEX, DatasetError, map_labels, read_label_map, read_rgb
 from deepcontrol.data.registry import DatasetFormat, get_format
+from deepcontrol.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -180,20 +178,6 @@ def read_manifest(cache_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-@contextmanager
-def _build_lock(cache_dir: Path) -> Iterator[None]:
-    """An exclusive lock beside ``cache_dir``: runs started together (a GPU pool, an array
-    of jobs) build a missing cache once instead of racing to write it."""
-    lock = cache_dir.parent / f".{cache_dir.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]:
     """The cache for ``data_cfg``: built if missing (or ``force``), checked if present."""
     if data_cfg.root is None:
@@ -205,7 +189,9 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
         )
     fmt = get_format(data_cfg.format)
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
-    with _build_lock(cache_dir):  # one process builds; the others wait, then read it
+    # Runs started together (a GPU pool, a job array) build a missing cache once: one
+    # process builds, the others wait for it and then read it.
+    with exclusive_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
         manifest = None if force else read_manifest(cache_dir)
         if manifest is not None:
             wanted = {
