@@ -100,23 +100,26 @@ class DeviceBatches:
     def __len__(self) -> int:
         return -(-(self.num_samples - self.dropped_per_epoch) // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         n, start_state = self.num_samples, self.generator.get_state()
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         flips = torch.rand(n, generator=self.generator) < 0.5 if self.hflip else None
+        # Copied to the device once per epoch: a copy per step from pageable host memory
+        # would make the host wait for the GPU at every step.
+        order = order.to(self.device)
+        flips = None if flips is None else flips.to(self.device)
         skip, self._resume_at = self._resume_at, 0
         for step in range(skip, len(self)):
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
             index = index.tensor_split(self.world_size)[self.rank]
             self._epoch = (start_state, step + 1)
-            on_device = index.to(self.device)
             # NHWC uint8 -> NCHW float: the permuted view is channels_last, which convs like.
-            images = self.images[on_device].permute(0, 3, 1, 2).float()
+            images = self.images[index].permute(0, 3, 1, 2).float()
             images = (images - self.mean) / self.std
-            labels = self.labels[on_device].long()
-            contours = None if self.contours is None else self.contours[on_device].float()
+            labels = self.labels[index].long()
+            contours = None if self.contours is None else self.contours[index].float()
             if flips is not None:
-                flip = flips[index].to(self.device)
+                flip = flips[index]
                 images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
                 labels = torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels)
                 if contours is not None:
