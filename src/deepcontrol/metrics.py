@@ -16,9 +16,14 @@ class ConfusionMatrix:
 
     @torch.no_grad()
     def update(self, predicted: torch.Tensor, target: torch.Tensor) -> None:
-        valid = target != IGNORE_INDEX
-        index = target[valid] * self.num_classes + predicted[valid]
-        self.counts += torch.bincount(index, minlength=self.num_classes**2).view_as(self.counts)
+        # Ignored pixels go to one extra bin that is dropped: unlike boolean indexing or
+        # bincount, a fixed-size scatter needs no host sync on a GPU.
+        cells = self.num_classes**2
+        index = torch.where(target != IGNORE_INDEX, target * self.num_classes + predicted, cells)
+        index = index.flatten()
+        counts = torch.zeros(cells + 1, dtype=torch.int64, device=self.counts.device)
+        counts.index_add_(0, index, torch.ones_like(index))
+        self.counts += counts[:cells].view_as(self.counts)
 
     def pixel_error(self) -> float:
         """Fraction of wrongly labelled pixels among non-ignored ones (Fig. 1's metric)."""
