@@ -1,5 +1,7 @@
 """ClassNet: shapes, size, paths, contour targets and loss, and a short training run."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -33,11 +35,31 @@ def test_size_widths_and_depths_are_pinned():
     assert first_layers == [3, 35, 67, 131, 259, 259, 259]
 
 
-def test_longest_path_counts_the_convs_it_passes():
-    # follow the longest path module by module: encoder convs, bottom, decoder, classifier
+def conv_path_lengths(output: torch.Tensor, image: torch.Tensor) -> tuple[int, int]:
+    """(shortest, longest) count of convolutions on the paths from ``image`` to ``output``,
+    read from the backward graph itself (paths that end at a parameter do not count)."""
+    memo = {}
+
+    def walk(node) -> tuple[float, float]:
+        if node is None:
+            return math.inf, -math.inf
+        if node not in memo:
+            if type(node).__name__ == "AccumulateGrad":  # a leaf: the image or a parameter
+                memo[node] = (0, 0) if node.variable is image else (math.inf, -math.inf)
+            else:
+                own = "Convolution" in type(node).__name__
+                paths = [walk(child) for child, _ in node.next_functions]
+                memo[node] = (min(p[0] for p in paths) + own, max(p[1] for p in paths) + own)
+        return memo[node]
+
+    return walk(output.grad_fn)
+
+
+def test_path_depths_match_the_backward_graph():
     model = ClassNet(norm="none")
-    encoder = sum(len(b.layers) * 2 + 1 for b in model.encoder)
-    assert encoder + 1 + 2 * len(model.decoder) + 1 == model.path_depths()[1]
+    image = torch.randn(1, 3, 32, 64, requires_grad=True)
+    logits, _ = model(image)
+    assert conv_path_lengths(logits, image) == model.path_depths() == (5, 51)
 
 
 def test_identity_init_keeps_projections_pass_through():

@@ -115,10 +115,3 @@ def test_sync_batchnorm_on_the_cpu_is_refused_clearly():
 
     with pytest.raises(ValueError, match="norm.sync=true needs CUDA"):
         wrap_model(torch.nn.Conv2d(1, 1, 1), Dist(0, 2, 0), sync_norm=True)
-
-
-@pytest.mark.cuda
-def test_sync_batchnorm_replaces_batchnorm_on_gpus():
-    model = build_model(tiny_config(Path("unused"), Path("unused"), "norm=bn"), 19)
-    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())

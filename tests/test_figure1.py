@@ -57,6 +57,9 @@ def test_command_line_overrides_reach_every_panel_run():
     configs = [compose(job) for job in jobs]
     assert {c.data.name for c in configs} == {"camvid"} and {c.epochs for c in configs} == {30}
     assert (configs[0].data.height, configs[0].data.width) == (360, 480)
+    # an override of a key the panel sweeps replaces its sweep
+    [job] = experiment_jobs("fig1a", ["data.batch_size=2"])
+    assert compose(job).data.batch_size == 2
 
 
 def hydra_config(*overrides):

@@ -14,7 +14,8 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -110,13 +111,19 @@ def build(norm: str, device: torch.device, channels_last: bool) -> nn.Module:
     return model
 
 
-def _clock(device: torch.device) -> tuple:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        return start.record, lambda: (end.record(), end.synchronize(), start.elapsed_time(end))[2]
-    started = []
-    return (lambda: started.append(time.perf_counter()),
-            lambda: 1000 * (time.perf_counter() - started.pop()))  # fmt: skip
+def milliseconds(work: Callable[[], None], device: torch.device) -> float:
+    """Wall time of ``work()``: CUDA events on a GPU (which time the queued kernels, not
+    their launch), the host clock elsewhere."""
+    if device.type != "cuda":
+        started = time.perf_counter()
+        work()
+        return 1000 * (time.perf_counter() - started)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    work()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
@@ -134,19 +141,16 @@ def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for i in range(cfg.warmup + cfg.steps):
-            start, stop = _clock(device)
-            start()
+
+        def step() -> None:
             with autocast(device, setting.precision):
                 loss = pixel_cross_entropy(step_model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            elapsed = stop()
-            if i >= cfg.warmup:
-                times.append(elapsed)
-        result.ms_per_step = statistics.median(times)
+
+        times = [milliseconds(step, device) for _ in range(cfg.warmup + cfg.steps)]
+        result.ms_per_step = statistics.median(times[cfg.warmup :])
         if device.type == "cuda":
             result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
     except torch.OutOfMemoryError:
@@ -162,7 +166,7 @@ def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.de
     ``cfg.memory_cap_gib``, as ``torch.cuda.set_per_process_memory_fraction`` enforces it."""
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gib / total), device)
-    small = Config(**{**asdict(cfg), "warmup": 1, "steps": 1})
+    small = replace(cfg, warmup=1, steps=1)
 
     def fits(batch: int) -> bool:
         return not measure_step(Setting(norm, batch, precision, "eager"), small, device).error

@@ -12,10 +12,6 @@ from omegaconf import OmegaConf
 
 from deepcontrol.atomic import write_atomic
 
-# The settings that name a run, then its outcome; metrics.csv's columns follow in runs.csv.
-RUN_COLUMNS = ("run_name", "model", "norm", "data", "batch_size", "lr", "seed", "epochs",
-               "status", "diverged_epoch", "run_dir")  # fmt: skip
-
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     """The rows of ``run_dir/metrics.csv`` as floats."""
@@ -99,9 +95,7 @@ def read_runs_csv(path: Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     with path.open() as f:
         for row in csv.DictReader(f):
-            runs.setdefault(row["run_name"], []).append(
-                {k: _number(v) if k not in RUN_COLUMNS[:4] else v for k, v in row.items()}
-            )
+            runs.setdefault(row["run_name"], []).append({k: _number(v) for k, v in row.items()})
     for rows in runs.values():
         rows.sort(key=lambda r: -1 if math.isnan(r.get("epoch", math.nan)) else r["epoch"])
     return runs

@@ -30,11 +30,8 @@ def experiment_jobs(name: str, overrides: list[str] | None = None) -> list[list[
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     extra = [o for o in overrides or [] if o.split("=", 1)[0].lstrip("+~") != "experiment"]
-    params = experiment_params(name)
-    given = {o.split("=", 1)[0] for o in extra}
-    arguments = [f"experiment={name}"]
-    arguments += [f"{k}={v}" for k, v in params.items() if k not in given]
-    arguments += extra
+    params = [f"{k}={v}" for k, v in experiment_params(name).items()]
+    arguments = [f"experiment={name}", *params, *extra]  # a later override of a key wins
     parsed = OverridesParser.create().parse_overrides(arguments)
     [jobs] = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     return jobs

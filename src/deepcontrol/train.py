@@ -71,7 +71,7 @@ def compile_model(model: torch.nn.Module, mode: str | bool) -> torch.nn.Module:
     """``torch.compile`` the training forward (and so backward) for ``train.compile``:
     false, or a mode; ``reduce-overhead`` adds CUDA graphs, which pay off most at small
     batches where launch overhead dominates."""
-    if mode is False or mode in (None, "false"):
+    if not mode:
         return model
     if mode is True:
         mode = "default"
@@ -101,23 +101,32 @@ RESUMABLE_CHANGES = (
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class StopRequest:
+    """The signal that asked training to stop, once one has."""
+
+    signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """While inside, SIGTERM and SIGINT set the yielded event instead of killing the process,
-    so training can checkpoint and return (a SLURM preemption, a ``kill``, Ctrl-C)."""
-    event = threading.Event()
+def stop_on_signals() -> Iterator[StopRequest]:
+    """While inside, SIGTERM and SIGINT are recorded in the yielded request instead of killing
+    the process, so training can checkpoint and return (a SLURM preemption, a ``kill``,
+    Ctrl-C)."""
+    request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield event  # signal handlers can only be installed from the main thread
+        yield request  # signal handlers can only be installed from the main thread
         return
 
     def handler(signum: int, frame: object) -> None:
         log.info(f"{signal.Signals(signum).name}: checkpointing, then stopping")
-        event.signum = signum
-        event.set()
+        request.signum = signum
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
-        yield event
+        yield request
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -260,7 +269,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                 if place.is_main:
                     save_checkpoint(last, net, state, optimizer, data.train)
                 log.info(f"stopped in epoch {epoch}; the same command resumes from {last}")
-                summary.update(status="interrupted", signal=getattr(stop, "signum", None))
+                summary.update(status="interrupted", signal=stop.signum)
                 break
             if not math.isfinite(stats["train_loss"]):
                 log.info(f"epoch {epoch}: loss is {stats['train_loss']}, run diverged")
@@ -296,7 +305,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             logger.write_summary(summary)
             if epoch < cfg.epochs and any_process(stop.is_set(), device):  # during validation
                 log.info(f"stopped after epoch {epoch}; the same command resumes from {last}")
-                summary.update(status="interrupted", signal=getattr(stop, "signum", None))
+                summary.update(status="interrupted", signal=stop.signum)
                 break
         else:
             summary["status"] = "finished"

@@ -45,9 +45,7 @@ class AGCReLUFunction(torch.autograd.Function):
         out, mean, mean_scale, weight, bias = ctx.saved_tensors
         shape = (1, -1, 1, 1)
         # Reductions in float32: bf16 sums over 128×256 positions would lose the gradient.
-        g = torch.where(out > 0, grad_out, torch.zeros((), dtype=grad_out.dtype,
-                                                       device=grad_out.device))  # fmt: skip
-        g32 = g.float()
+        g32 = grad_out.masked_fill(out <= 0, 0).float()
         g_sum = g32.sum(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
         gamma32 = weight.float().view(shape)
         centred = (out.float() - bias.float().view(shape)) / gamma32  # y - λm where g ≠ 0

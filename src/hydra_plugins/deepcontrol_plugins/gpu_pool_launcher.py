@@ -82,8 +82,8 @@ class GpuPoolLauncher(Launcher):
                     idx, overrides = todo.get_nowait()
                 except queue.Empty:
                     return
-                returns[idx] = self._run(initial_job_idx + idx, overrides, gpu)
-                if returns[idx].status == JobStatus.FAILED and returns[idx].interrupted:
+                returns[idx], code = self._run(initial_job_idx + idx, overrides, gpu)
+                if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the run was stopped
                     stopping.set()
 
         threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus]
@@ -104,7 +104,8 @@ class GpuPoolLauncher(Launcher):
                                          _return_value=not_started)  # fmt: skip
         return returns
 
-    def _run(self, idx: int, overrides: list[str], gpu: str | None) -> JobReturn:
+    def _run(self, idx: int, overrides: list[str], gpu: str | None) -> tuple[JobReturn, int]:
+        """Train one run in a child process on ``gpu``; its JobReturn and exit code."""
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,10 +122,9 @@ class GpuPoolLauncher(Launcher):
         task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         result = JobReturn(overrides=overrides, cfg=task, hydra_cfg=cfg, working_dir=str(run_dir),
                            task_name="train", status=JobStatus.COMPLETED)  # fmt: skip
-        result.interrupted = code in (128 + signal.SIGINT, 128 + signal.SIGTERM)
         if code != 0:
             result.status = JobStatus.FAILED
             result.return_value = RuntimeError(
                 f"{shown} exited with {code}; see {run_dir / 'launcher.log'}"
             )
-        return result
+        return result, code
