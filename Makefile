@@ -10,12 +10,12 @@ DATA ?= cityscapes
 ARGS ?=
 LAUNCHER ?= gpu_pool
 RESULTS ?= results/$(DATA)
-# make fig1-smoke: the same pipeline on a tiny synthetic Cityscapes, on the CPU, in minutes
+# make fig1-smoke: the same pipeline on a tiny synthetic Cityscapes with narrow nets (model.width=16), on the CPU
 SMOKE_OUT ?= outputs/fig1-smoke
 SMOKE_RESULTS ?= results/smoke
 SMOKE_ARGS := data=synthetic data.root=$(SMOKE_OUT)/data data.cache_dir=$(SMOKE_OUT)/cache \
 	data.synthetic.num_train=8 data.synthetic.num_val=4 data.height=32 data.width=64 \
-	epochs=3 device=cpu logger=none train.progress=false
+	model.width=16 epochs=3 device=cpu logger=none train.progress=false
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, tiny_overrides
 from torch import distributed as dist
 from torch import multiprocessing as mp
 
@@ -91,10 +91,8 @@ def test_torchrun_run_directory_matches_one_process(synthetic_root, cache, tmp_p
     train(cfg, tmp_path / "single")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", "-m", "deepcontrol.train", "data=synthetic",
-        f"data.root={synthetic_root}", f"data.cache_dir={cache}", "data.height=32",
-        "data.width=64", "device=cpu", "logger=none", "train.progress=false", *OVERRIDES,
-        f"hydra.run.dir={tmp_path / 'ddp'}",
+        f"--master_port={free_port()}", "-m", "deepcontrol.train",
+        *tiny_overrides(synthetic_root, cache), *OVERRIDES, f"hydra.run.dir={tmp_path / 'ddp'}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,

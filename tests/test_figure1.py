@@ -8,7 +8,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_overrides
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
@@ -80,9 +80,8 @@ def test_cluster_and_pool_launchers_compose():
 
 def test_gpu_pool_gives_each_run_its_own_device(synthetic_root, tmp_path):
     command = [
-        sys.executable, "-m", "deepcontrol.train", "-m", "experiment=fig1c", "data=synthetic",
-        f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.height=32",
-        "data.width=64", "epochs=1", "device=cpu", "logger=none", "train.progress=false",
+        sys.executable, "-m", "deepcontrol.train", "-m", "experiment=fig1c",
+        *tiny_overrides(synthetic_root, tmp_path / "cache"), "epochs=1",
         "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[3,5]", f"hydra.sweep.dir={tmp_path}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -96,9 +95,8 @@ def test_gpu_pool_gives_each_run_its_own_device(synthetic_root, tmp_path):
 def test_submitit_runs_each_run_as_a_job(synthetic_root, tmp_path):
     # submitit_local pickles and runs the jobs as the slurm launcher does, without a cluster
     command = [
-        sys.executable, "-m", "deepcontrol.train", "-m", "experiment=fig1c", "data=synthetic",
-        f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}", "data.height=32",
-        "data.width=64", "epochs=1", "device=cpu", "logger=none", "train.progress=false",
+        sys.executable, "-m", "deepcontrol.train", "-m", "experiment=fig1c",
+        *tiny_overrides(synthetic_root, tmp_path / "cache"), "epochs=1",
         "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -62,6 +62,17 @@ def test_identity_init_spares_the_first_conv_after_each_pooling():
     torch.testing.assert_close(second(x), x)
 
 
+def test_width_scales_every_layer_and_must_be_positive():
+    narrow = SegNet(19, "bn", width=8)
+    full = SegNet(19, "bn")
+    widths = [c.out_channels for c in narrow.modules() if isinstance(c, nn.Conv2d)]
+    expected = [c.out_channels // 8 for c in full.modules() if isinstance(c, nn.Conv2d)]
+    assert widths[:-1] == expected[:-1] and widths[-1] == 19
+    for bad in (0, -8, 8.0):
+        with pytest.raises(ValueError, match="model.width must be a positive integer"):
+            SegNet(19, width=bad)
+
+
 def test_unknown_init_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown init 'xavier'"):
         SegNet(19, init="xavier")

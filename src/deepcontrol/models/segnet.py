@@ -14,28 +14,41 @@ ENCODER = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 51
 DECODER = ((512, 512, 512), (512, 512, 256), (256, 256, 128), (128, 64), (64,))
 
 
+def _scaled(blocks: tuple[tuple[int, ...], ...], width: int) -> list[tuple[int, ...]]:
+    return [tuple(c * width // 64 for c in block) for block in blocks]
+
+
 class SegNet(nn.Module):
     """SegNet: VGG16 encoder, 2×2 max-pool with indices, mirrored max-unpool decoder.
 
     26 convs, no skip connections; every hidden conv is conv→norm→ReLU and the last is a
     64→K conv with bias. ``norm`` picks the layer after each conv (the paper compares
     ``bn`` with ``agc``). Inputs of any size work: unpooling is given the pre-pool size.
+    ``width`` is the first block's channels (VGG16's 64, the paper's); every layer scales
+    with it, so a narrow net (e.g. 8) exercises the same code in tests at 1/64 the size.
     """
 
     def __init__(
-        self, num_classes: int = 19, norm: str = "bn", in_channels: int = 3, init: str = "he"
+        self,
+        num_classes: int = 19,
+        norm: str = "bn",
+        in_channels: int = 3,
+        init: str = "he",
+        width: int = 64,
     ) -> None:
         super().__init__()
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ValueError(f"model.width must be a positive integer, got {width!r}")
         self.encoder = nn.ModuleList()
-        width = in_channels
-        for widths in ENCODER:
-            self.encoder.append(nn.Sequential(*self._block(width, widths, norm)))
-            width = widths[-1]
+        channels = in_channels
+        for widths in _scaled(ENCODER, width):
+            self.encoder.append(nn.Sequential(*self._block(channels, widths, norm)))
+            channels = widths[-1]
         self.decoder = nn.ModuleList()
-        for widths in DECODER:
-            self.decoder.append(nn.Sequential(*self._block(width, widths, norm)))
-            width = widths[-1]
-        self.classifier = nn.Conv2d(width, num_classes, 3, padding=1)
+        for widths in _scaled(DECODER, width):
+            self.decoder.append(nn.Sequential(*self._block(channels, widths, norm)))
+            channels = widths[-1]
+        self.classifier = nn.Conv2d(channels, num_classes, 3, padding=1)
         initialize(self._convs_with_position(), init)
 
     @staticmethod
