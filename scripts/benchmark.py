@@ -11,12 +11,13 @@ python scripts/benchmark.py [--out results] [--reduced] [--precisions ...] [--mo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from deepcontrol.benchmark import Config, run_benchmark, write_report
+from deepcontrol.benchmark import Config, run_benchmark, save_json, write_report
 
 
 def main() -> None:
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", help="a subset, e.g. bf16 (to split a run)")
     parser.add_argument("--modes", nargs="+", help="a subset of eager compile cudagraphs")
     parser.add_argument("--no-cap", action="store_true", help="skip the memory-cap search")
+    parser.add_argument("--fresh", action="store_true", help="ignore an unfinished saved run")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config.reduced() if args.reduced or device.type == "cpu" else Config()
@@ -37,7 +39,9 @@ def main() -> None:
         cfg.memory_cap_gib = None
     if device.type == "cpu":
         print("no CUDA GPU: running the reduced grid on the CPU (code paths, not the targets)")
-    report = run_benchmark(cfg, device)
+    saved = args.out / "benchmark.json"
+    previous = None if args.fresh or not saved.is_file() else json.loads(saved.read_text())
+    report = run_benchmark(cfg, device, previous, save=lambda partial: save_json(partial, saved))
     write_report(report, args.out, "python " + " ".join(sys.argv))
     print((args.out / "benchmark.md").read_text())
 

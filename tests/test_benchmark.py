@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from deepcontrol import benchmark
 from deepcontrol.benchmark import Config, figure1_cost, run_benchmark, targets, write_report
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,9 @@ def fake_report(ms: dict, peak: dict, loop_ratio: float = 0.95) -> dict:
     steps = [{"norm": n, "batch": b, "precision": "bf16", "mode": m, "ms_per_step": t,
               "peak_gib": peak.get((n, b), math.nan), "error": ""}
              for (n, b, m), t in ms.items()]  # fmt: skip
-    return {"config": {"precisions": ["bf16"], "memory_cap_gib": 12.0}, "steps": steps,
+    config = {"precisions": ["bf16"], "modes": ["eager", "compile", "cudagraphs"],
+              "memory_cap_gib": 12.0}  # fmt: skip
+    return {"config": config, "steps": steps,
             "max_batch_under_cap": {"bn": 10, "agc": 14},
             "loop": [{"norm": "agc", "batch": 8, "ratio": loop_ratio}]}  # fmt: skip
 
@@ -44,9 +47,12 @@ def test_targets_are_judged_from_the_measured_ratios():
                ("bn", b, "cudagraphs"): 4 * scale if b == 1 else 11 * scale}  # fmt: skip
     peak = {("agc", 1): 1.0, ("bn", 1): 1.5, ("agc", 8): 2.5, ("bn", 8): 2.9}
     verdicts = {
-        t["target"]: (round(t["value"], 3), t["met"]) for t in targets(fake_report(ms, peak))
+        t["target"]: (t["value"] and round(t["value"], 3), t["met"])
+        for t in targets(fake_report(ms, peak))
     }
     assert verdicts["batch 8, eager: AGC step / no-norm floor"] == (1.05, True)
+    assert verdicts["batch 1, compile: AGC step / no-norm floor"] == (round(9.5 / 9, 3), True)
+    assert verdicts["batch 1, cudagraphs: AGC step / no-norm floor"] == (None, False)
     assert verdicts["batch 8: AGC throughput / eager BN"] == (round(60 / 38, 3), True)
     assert verdicts["batch 8: AGC throughput / best BN"] == (round(44 / 38, 3), True)
     assert verdicts["batch 8: AGC peak memory / BN (eager)"] == (round(2.5 / 2.9, 3), False)
@@ -66,4 +72,44 @@ def test_compiled_modes_run_only_where_the_targets_look():
     compiled = [s for s in settings if s.mode != "eager"]
     assert len(settings) - len(compiled) == 4 * 4 * 2  # eager: every batch, norm, precision
     assert {(s.batch, s.precision) for s in compiled} == {(1, "bf16"), (8, "bf16")}
-    assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 12
+    assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 6
+    assert {s.mode for s in compiled} == {"cudagraphs"}  # plain compile only on request
+
+
+class Cut(Exception):
+    """A job's time limit, arriving after some measurements were saved."""
+
+
+def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
+    cfg = Config(height=32, width=64, batches=(1, 2), norms=("agc", "none"),
+                 precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
+                 memory_cap_gib=None, loop_steps=2)  # fmt: skip
+    measured = []
+    real_measure = benchmark.measure_step
+
+    def counting(setting, *args):
+        measured.append((setting.norm, setting.batch))
+        return real_measure(setting, *args)
+
+    monkeypatch.setattr(benchmark, "measure_step", counting)
+    saved = []
+
+    def save_then_cut(report):
+        saved.append(json.loads(json.dumps(report)))  # what benchmark.json would hold
+        if len(report["steps"]) == 3:
+            raise Cut
+
+    with pytest.raises(Cut):
+        run_benchmark(cfg, torch.device("cpu"), save=save_then_cut)
+    partial = saved[-1]
+    assert not partial["complete"] and len(partial["steps"]) == 3 and len(measured) == 3
+    report = run_benchmark(cfg, torch.device("cpu"), previous=partial)
+    # the fourth setting, then the bare steps the loop-efficiency check compares with
+    assert measured[3:] == [("none", 2), ("bn", 2), ("agc", 2)]
+    assert report["complete"] and report["steps"][:3] == partial["steps"]
+    assert report["reused_steps"] == 3
+    # a finished report, or one measured another way, is measured again from the start
+    for previous in (report, {**partial, "config": {**partial["config"], "height": 64}}):
+        del measured[:]
+        run_benchmark(cfg, torch.device("cpu"), previous=previous)
+        assert measured[:4] == [("agc", 1), ("none", 1), ("agc", 2), ("none", 2)]

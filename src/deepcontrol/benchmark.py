@@ -3,7 +3,8 @@
 ``make bench`` (``scripts/benchmark.py``) runs ``run_benchmark`` and writes
 ``results/benchmark.md`` and ``.json``. Times are medians of full SGD steps (forward, loss,
 backward, optimiser) after warm-up, taken with CUDA events on a GPU. On a CPU a reduced
-grid runs, so that the code stays tested.
+grid runs, so that the code stays tested. Each measurement is saved as it is taken, and a
+run cut short (a job's time limit) goes on from what it saved on the same GPU and software.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ class Config:
     batches: tuple[int, ...] = (1, 4, 8, 16)
     norms: tuple[str, ...] = NORMS
     precisions: tuple[str, ...] = ("bf16", "fp32")
-    modes: tuple[str, ...] = MODES
     # Compiling takes about a minute a setting, so compiled modes run only where the
-    # targets look (batches 1 and 8, bf16); eager runs the whole grid.
+    # targets look (batches 1 and 8, bf16), and only CUDA graphs by default: they are
+    # torch.compile plus graph replay, which the batch-1 target needs ("compile" on request).
+    modes: tuple[str, ...] = ("eager", "cudagraphs")
     compiled_batches: tuple[int, ...] = (1, 8)
     compiled_norms: tuple[str, ...] = ("bn", "agc", "none")
     compiled_precisions: tuple[str, ...] = ("bf16",)
@@ -229,28 +231,76 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def run_benchmark(cfg: Config, device: torch.device) -> dict:
-    """Every step timing of ``cfg``, the memory-cap search and the loop efficiency."""
-    results = []
+# What a saved measurement must share with a new one to be reused.
+SAME_MEASUREMENT = ("height", "width", "warmup", "steps", "loop_steps", "memory_cap_gib")
+
+
+def reusable(previous: dict | None, cfg: Config, device: torch.device) -> dict | None:
+    """``previous`` (a saved report) if it is unfinished and was measured the same way on
+    the same GPU and software, so that a run cut short can go on; else None. A finished
+    report is never reused: running the benchmark again measures again."""
+    if not previous or previous.get("complete", True):
+        return None
+    now = {"environment": environment(device), **{k: getattr(cfg, k) for k in SAME_MEASUREMENT}}
+    then = {"environment": previous.get("environment"),
+            **{k: previous.get("config", {}).get(k) for k in SAME_MEASUREMENT}}  # fmt: skip
+    differ = sorted(k for k in now if now[k] != then[k])
+    if differ:
+        print(f"not reusing the saved benchmark: its {', '.join(differ)} differ from now's")
+        return None
+    return previous
+
+
+def run_benchmark(
+    cfg: Config,
+    device: torch.device,
+    previous: dict | None = None,
+    save: Callable[[dict], None] | None = None,
+) -> dict:
+    """Every step timing of ``cfg``, the memory-cap search and the loop efficiency.
+
+    Measurements in ``previous`` (see :func:`reusable`) are kept, not taken again; ``save``
+    gets the report after each new measurement, marked ``complete: False`` until the end."""
+    old = reusable(previous, cfg, device) or {}
+    taken = {_key(r): r for r in old.get("steps", [])}
+    report = {"environment": environment(device), "config": asdict(cfg), "steps": [],
+              "complete": False}  # fmt: skip
+
+    def record(key: str, value: object) -> None:
+        report[key] = value
+        if save:
+            save(report)
+
     for setting in cfg.settings():
-        result = measure_step(setting, cfg, device)
-        results.append(result)
+        saved = taken.get(_key(asdict(setting)))
+        if saved:
+            row = saved
+            report["reused_steps"] = report.get("reused_steps", 0) + 1
+        else:
+            result = measure_step(setting, cfg, device)
+            row = {**asdict(result), "images_per_s": result.images_per_s}
         print(f"{setting.precision:5s} {setting.mode:10s} batch {setting.batch:2d} "
-              f"{setting.norm:9s} {result.ms_per_step:8.2f} ms  {result.peak_gib:6.2f} GiB peak "
-              f"{result.error}", flush=True)  # fmt: skip
-    steps = [{**asdict(r), "images_per_s": r.images_per_s} for r in results]
-    report = {"environment": environment(device), "config": asdict(cfg), "steps": steps}
+              f"{setting.norm:9s} {row['ms_per_step']:8.2f} ms  {row['peak_gib']:6.2f} GiB peak "
+              f"{row['error']}{'  (saved earlier)' if saved else ''}", flush=True)  # fmt: skip
+        record("steps", [*report["steps"], row])
     if cfg.memory_cap_gib and device.type == "cuda":
-        report["max_batch_under_cap"] = {
+        cap = old.get("max_batch_under_cap") or {
             norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
             for norm in ("bn", "agc")
         }
+        record("max_batch_under_cap", cap)
     batch = 8 if 8 in cfg.batches else cfg.batches[-1]
-    report["loop"] = [loop_efficiency(norm, batch, cfg.precisions[0], cfg, device)
-                      for norm in ("bn", "agc")]  # fmt: skip
+    loop = old.get("loop") or [loop_efficiency(norm, batch, cfg.precisions[0], cfg, device)
+                               for norm in ("bn", "agc")]  # fmt: skip
+    record("loop", loop)
     report["targets"] = targets(report) if device.type == "cuda" else []
     report["figure1_cost"] = figure1_cost(report) if device.type == "cuda" else None
+    report["complete"] = True
     return report
+
+
+def _key(row: dict) -> tuple:
+    return row["norm"], row["batch"], row["precision"], row["mode"]
 
 
 def _best(report: dict, norm: str, batch: int, precision: str, modes: tuple[str, ...]) -> dict:
@@ -269,7 +319,7 @@ def targets(report: dict) -> list[dict]:
 
     precision = report["config"]["precisions"][0]
     for batch in (1, 8):
-        for mode in ("eager", "compile"):
+        for mode in report["config"]["modes"]:
             agc = _best(report, "agc", batch, precision, (mode,))
             floor = _best(report, "none", batch, precision, (mode,))
             add(
@@ -343,10 +393,14 @@ def figure1_cost(report: dict) -> dict:
     return {"gpu_hours": hours, "runs": sum(r for _, r in FIG1_RUNS), "precision": precision}
 
 
+def save_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(report, indent=1) + "\n")
+
+
 def write_report(report: dict, out_dir: Path, command: str) -> None:
     """``benchmark.json`` (everything) and ``benchmark.md`` (tables, targets, cost)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "benchmark.json", json.dumps(report, indent=1) + "\n")
+    save_json(report, out_dir / "benchmark.json")
     env = report["environment"]
     lines = ["# Training-step benchmark: SegNet", "",
              f"Command: `{command}`", "",
@@ -354,6 +408,9 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
              f"Input {report['config']['height']}×{report['config']['width']}, full SGD step, "
              f"median of {report['config']['steps']} steps after {report['config']['warmup']} "
              "warm-up steps. Peak memory is torch.cuda.max_memory_allocated.", "",
+             *([f"{report['reused_steps']} of {len(report['steps'])} step timings were taken by "
+                "an earlier, interrupted invocation on the same device and software.", ""]
+               if report.get("reused_steps") else []),
              "| precision | mode | batch | norm | ms/step | images/s | peak GiB |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["steps"]:
