@@ -55,8 +55,8 @@ test: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts notebooks
+	$(BIN)/ruff format --check src tests scripts notebooks
 
 clean:
 	rm -rf outputs cache data/synthetic-cityscapes .pytest_cache

@@ -3,7 +3,7 @@
 python scripts/plot_fig1.py results/cityscapes [OVERRIDES ...]
     OVERRIDES are those of the training command (e.g. data=camvid epochs=30), so that each
     panel finds its runs by name. Writes fig1.png/.pdf, lambda.png/.pdf and fig1_table.md
-    next to runs.csv.
+    next to runs.csv, and panels.json (each panel's run names) for notebooks/fig1.ipynb.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deepcontrol.figure1 import draw_figure1, draw_lambda, write_table
+from deepcontrol.figure1 import draw_figure1, draw_lambda, panel_membership, write_table
 from deepcontrol.results import read_runs_csv
 
 
@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="the training command's overrides")
     args = parser.parse_args()
     runs = read_runs_csv(args.results / "runs.csv")
-    membership = draw_figure1(runs, args.overrides, args.results)
+    membership = panel_membership(args.overrides)
+    draw_figure1(runs, membership, args.results)
     header = (f"# Figure 1: validation error per run ({args.results / 'runs.csv'}; overrides: "
               f"{' '.join(args.overrides) or 'none'})")  # fmt: skip
     write_table(runs, membership, args.results, header)
@@ -29,7 +30,7 @@ def main() -> None:
     for letter, names in membership.items():
         print(f"({letter}) " + "; ".join(n if n in runs else f"{n} (not yet run)" for n in names))
     print(
-        f"wrote {args.results}/fig1.png, fig1.pdf, fig1_table.md"
+        f"wrote {args.results}/fig1.png, fig1.pdf, panels.json, fig1_table.md"
         + (", lambda.png, lambda.pdf" if drew_lambda else " (no AGC run: no λ figure)")
     )
 

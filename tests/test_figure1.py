@@ -6,15 +6,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pytest
 from conftest import REPO, tiny_overrides
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from deepcontrol.config import CONFIG_DIR, compose
-from deepcontrol.figure1 import PANELS, claims_measured, draw_panel, panel_run_names
+from deepcontrol.figure1 import (
+    PANELS,
+    claims_measured,
+    draw_panel,
+    lambda_figure,
+    panel_run_names,
+)
 from deepcontrol.results import collect_runs, read_runs_csv, write_runs_csv
 from deepcontrol.sweeps import experiment_jobs
 
@@ -116,7 +122,14 @@ def test_fig1_smoke_runs_end_to_end_and_resumes_as_a_no_op(tmp_path):
     assert len(runs) == 12
     assert {rows[0]["status"] for rows in runs.values()} <= {"finished", "diverged"}
     assert all(len(rows) == 3 for rows in runs.values() if rows[0]["status"] == "finished")
-    for name in ("fig1.png", "fig1.pdf", "lambda.png", "lambda.pdf", "fig1_table.md"):
+    for name in (
+        "fig1.png",
+        "fig1.pdf",
+        "panels.json",
+        "lambda.png",
+        "lambda.pdf",
+        "fig1_table.md",
+    ):
         assert (results / name).stat().st_size > 0, name
     table = (results / "fig1_table.md").read_text()
     assert "not yet run" not in table
@@ -146,13 +159,12 @@ def test_a_run_without_epochs_is_collected_and_drawn_as_diverged(tmp_path):
     assert len(diverged) == 1 and diverged[0]["status"] == "diverged"
     assert math.isnan(diverged[0]["epoch"])
     assert [r["epoch"] for r in runs["segnet-agc-synthetic-b8-lr0.08-s0-e150"]] == [1, 2]
-    fig, ax = plt.subplots()
+    ax = Figure().subplots()
     panel = next(p for p in PANELS if p.letter == "h")
     draw_panel(ax, panel, [*runs, "segnet-agc-synthetic-b8-lr0.16-s0-e150"], runs)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["lr 0.08", "lr 0.64 (diverged at epoch 1)"]
     assert any("not yet run" in t.get_text() and "lr0.16" in t.get_text() for t in ax.texts)
-    plt.close(fig)
 
 
 def test_claims_are_measured_from_the_runs():
@@ -169,7 +181,7 @@ def test_claims_are_measured_from_the_runs():
     assert "spread 1.00 points" in lines[2]
 
 
-def test_lambda_figure_follows_segnet_and_skips_other_networks_layers(tmp_path, monkeypatch):
+def test_lambda_figure_follows_segnet_and_skips_other_networks_layers():
     def run(model, lambdas):
         base = dict(model=model, norm="agc", batch_size=4.0, lr=0.08)
         return [{**base, "epoch": float(e), **{f"lambda_{i:02d}": v + e / 10 for i, v in
@@ -177,14 +189,9 @@ def test_lambda_figure_follows_segnet_and_skips_other_networks_layers(tmp_path, 
 
     runs = {"classnet-agc": run("classnet", [1.0, 0.9, 0.8, 0.7]),
             "segnet-agc": run("segnet", [1.0, 0.5, math.nan, math.nan])}  # fmt: skip
-    drawn = []
-    monkeypatch.setattr("deepcontrol.figure1._save", lambda fig, stem: drawn.append(fig))
-    from deepcontrol.figure1 import draw_lambda
-
-    assert draw_lambda(runs, tmp_path)
-    left, right = drawn[0].axes
+    left, right = lambda_figure(runs).axes
     assert "segnet-agc" in right.get_title()
     assert [line.get_label() for line in right.get_lines()] == ["layer 1", "layer 2"]
     assert all(math.isfinite(y) for line in right.get_lines() for y in line.get_ydata())
     assert len(left.get_lines()) == 3  # two runs and the λ = 1 guide
-    plt.close(drawn[0])
+    assert lambda_figure({"segnet-bn": [{"model": "segnet", "epoch": 1.0}]}) is None

@@ -6,18 +6,18 @@ the same sweep that trains them; a panel's runs are found in runs.csv by run nam
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-
-from deepcontrol.atomic import atomic_file, write_atomic  # noqa: E402
-from deepcontrol.config import compose  # noqa: E402
-from deepcontrol.sweeps import experiment_jobs  # noqa: E402
+from deepcontrol.atomic import atomic_file, write_atomic
+from deepcontrol.config import compose
+from deepcontrol.sweeps import experiment_jobs
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,11 @@ def panel_run_names(panel: Panel, overrides: list[str]) -> list[str]:
     return [compose(job).run_name for job in experiment_jobs(panel.experiment, overrides)]
 
 
+def panel_membership(overrides: list[str]) -> dict[str, list[str]]:
+    """Every panel's run names under ``overrides``, by panel letter."""
+    return {panel.letter: panel_run_names(panel, overrides) for panel in PANELS}
+
+
 def _curve_label(rows: list[dict], vary: tuple[str, ...]) -> str:
     first = rows[0]
     parts = {
@@ -73,11 +78,12 @@ def _curve_label(rows: list[dict], vary: tuple[str, ...]) -> str:
     return ", ".join(parts[key] for key in vary)
 
 
-def draw_panel(ax: plt.Axes, panel: Panel, names: list[str], runs: dict) -> None:
+def draw_panel(ax: Axes, panel: Panel, names: list[str], runs: dict) -> None:
     ax.set_title(f"({panel.letter}) {panel.title}", fontsize=9, loc="left")
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel(METRIC_LABEL[panel.metric], fontsize=8)
     ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     scale = 100 if panel.metric == "val_pixel_error" else 1
     missing = []
@@ -105,30 +111,34 @@ def draw_panel(ax: plt.Axes, panel: Panel, names: list[str], runs: dict) -> None
         ax.legend(fontsize=7)
 
 
-def draw_figure1(runs: dict, overrides: list[str], out_dir: Path) -> dict[str, list[str]]:
-    """All eight panels, laid out like the paper's (a)–(h), as fig1.png and fig1.pdf; returns
-    each panel's run names."""
-    fig, axes = plt.subplots(4, 2, figsize=(10, 13))
-    membership = {}
-    for ax, panel in zip(axes.flat, PANELS, strict=True):
-        membership[panel.letter] = panel_run_names(panel, overrides)
+def figure1(runs: dict, membership: dict[str, list[str]]) -> Figure:
+    """All eight panels, laid out like the paper's (a)–(h); ``membership`` gives each panel's
+    run names (:func:`panel_membership`)."""
+    fig = Figure(figsize=(10, 13), layout="tight")
+    for ax, panel in zip(fig.subplots(4, 2).flat, PANELS, strict=True):
         draw_panel(ax, panel, membership[panel.letter], runs)
-    fig.tight_layout()
-    _save(fig, out_dir / "fig1")
-    return membership
+    return fig
 
 
-def draw_lambda(runs: dict, out_dir: Path) -> bool:
+def draw_figure1(runs: dict, membership: dict[str, list[str]], out_dir: Path) -> None:
+    """:func:`figure1` as fig1.png and fig1.pdf in ``out_dir``, and the run names each panel
+    drew as panels.json (which notebooks/fig1.ipynb reads)."""
+    _save(figure1(runs, membership), out_dir / "fig1")
+    write_atomic(out_dir / "panels.json", json.dumps(membership, indent=1) + "\n")
+
+
+def lambda_figure(runs: dict) -> Figure | None:
     """λ of the AGC runs: mean λ per layer against depth at the end of training (left), and
     λ of five layers against epoch for SegNet's batch-4 run when there is one (right).
 
-    Returns False (and draws nothing) when no run has λ columns."""
+    None when no run has λ columns."""
     agc = {n: [r for r in rows if not math.isnan(r.get("lambda_01", math.nan))]
            for n, rows in runs.items()}  # fmt: skip
     agc = {n: rows for n, rows in agc.items() if rows}
     if not agc:
-        return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        return None
+    fig = Figure(figsize=(11, 4), layout="tight")
+    left, right = fig.subplots(1, 2)
 
     def label(rows: list[dict]) -> str:
         return f"{rows[0]['model']}, {_curve_label(rows, ('batch', 'lr'))}"
@@ -159,21 +169,27 @@ def draw_lambda(runs: dict, out_dir: Path) -> bool:
                    label=f"layer {d}")  # fmt: skip
     right.set(xlabel="epoch", ylabel="mean λ over channels", title=f"λ against epoch: {order[0]}")
     right.title.set_fontsize(8)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="y", useOffset=False)
-    fig.tight_layout()
-    _save(fig, out_dir / "lambda")
-    return True
+    return fig
 
 
-def _save(fig: plt.Figure, stem: Path) -> None:
+def draw_lambda(runs: dict, out_dir: Path) -> bool:
+    """:func:`lambda_figure` as lambda.png and lambda.pdf; False (nothing drawn) without λ."""
+    fig = lambda_figure(runs)
+    if fig is not None:
+        _save(fig, out_dir / "lambda")
+    return fig is not None
+
+
+def _save(fig: Figure, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     for suffix in (".png", ".pdf"):
         with atomic_file(stem.with_suffix(suffix)) as tmp:
             fig.savefig(tmp, format=suffix[1:], dpi=150)
-    plt.close(fig)
 
 
 def _percent(value: float) -> str:
