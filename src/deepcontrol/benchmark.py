@@ -264,35 +264,32 @@ def run_benchmark(
     old = reusable(previous, cfg, device) or {}
     taken = {_key(r): r for r in old.get("steps", [])}
     report = {"environment": environment(device), "config": asdict(cfg), "steps": [],
-              "complete": False}  # fmt: skip
-
-    def record(key: str, value: object) -> None:
-        report[key] = value
-        if save:
-            save(report)
-
+              "reused_steps": 0, "complete": False}  # fmt: skip
+    progress = save or (lambda report: None)
     for setting in cfg.settings():
         saved = taken.get(_key(asdict(setting)))
         if saved:
             row = saved
-            report["reused_steps"] = report.get("reused_steps", 0) + 1
+            report["reused_steps"] += 1
         else:
             result = measure_step(setting, cfg, device)
             row = {**asdict(result), "images_per_s": result.images_per_s}
         print(f"{setting.precision:5s} {setting.mode:10s} batch {setting.batch:2d} "
               f"{setting.norm:9s} {row['ms_per_step']:8.2f} ms  {row['peak_gib']:6.2f} GiB peak "
               f"{row['error']}{'  (saved earlier)' if saved else ''}", flush=True)  # fmt: skip
-        record("steps", [*report["steps"], row])
+        report["steps"].append(row)
+        progress(report)
     if cfg.memory_cap_gib and device.type == "cuda":
-        cap = old.get("max_batch_under_cap") or {
+        report["max_batch_under_cap"] = old.get("max_batch_under_cap") or {
             norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
             for norm in ("bn", "agc")
         }
-        record("max_batch_under_cap", cap)
+        progress(report)
     batch = 8 if 8 in cfg.batches else cfg.batches[-1]
-    loop = old.get("loop") or [loop_efficiency(norm, batch, cfg.precisions[0], cfg, device)
-                               for norm in ("bn", "agc")]  # fmt: skip
-    record("loop", loop)
+    report["loop"] = old.get("loop") or [
+        loop_efficiency(norm, batch, cfg.precisions[0], cfg, device) for norm in ("bn", "agc")
+    ]
+    progress(report)
     report["targets"] = targets(report) if device.type == "cuda" else []
     report["figure1_cost"] = figure1_cost(report) if device.type == "cuda" else None
     report["complete"] = True
@@ -410,7 +407,7 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
              "warm-up steps. Peak memory is torch.cuda.max_memory_allocated.", "",
              *([f"{report['reused_steps']} of {len(report['steps'])} step timings were taken by "
                 "an earlier, interrupted invocation on the same device and software.", ""]
-               if report.get("reused_steps") else []),
+               if report["reused_steps"] else []),
              "| precision | mode | batch | norm | ms/step | images/s | peak GiB |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["steps"]:

@@ -63,9 +63,7 @@ def build_loss(loss_cfg: DictConfig, class_weights: torch.Tensor | None) -> Loss
     """
 
     def loss_fn(
-        outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-        labels: torch.Tensor,
-        contours: torch.Tensor | None = None,
+        outputs: Outputs, labels: torch.Tensor, contours: torch.Tensor | None = None
     ) -> torch.Tensor:
         if isinstance(outputs, torch.Tensor):
             return pixel_cross_entropy(outputs, labels, class_weights)
