@@ -1,8 +1,8 @@
 """Benchmark SegNet's training step per norm, batch, precision and mode (``make bench``).
 
 python scripts/benchmark.py [--out results] [--reduced] [--precisions ...] [--modes ...]
-    On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-naive/none, bf16 and fp32 in
-    eager mode; compiled and CUDA-graphed at batches 1 and 8 in bf16 (about a minute of
+    On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-torch/agc-naive/none, bf16
+    and fp32 in eager mode; compiled and CUDA-graphed at batches 1 and 8 in bf16 (about a minute of
     compiling each); the largest batch under 12 GiB; the training loop against the bare
     step; the issue's targets and Figure 1's GPU-hours. Without a GPU (or with --reduced) a
     small grid on the CPU. Writes OUT/benchmark.md and OUT/benchmark.json.

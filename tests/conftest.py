@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
+
+if not torch.cuda.is_available():
+    # Off CUDA, Triton kernels run only under Triton's interpreter, which has to be chosen
+    # before Triton is first imported (deepcontrol.nn imports it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from deepcontrol.config import compose
 from deepcontrol.data.synthetic import write_synthetic_cityscapes
@@ -47,8 +53,6 @@ def tiny_config(root: Path, cache: Path, *overrides: str) -> DictConfig:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is available here")

@@ -1,11 +1,21 @@
-"""The fused AGC+ReLU against the readable reference: values, every gradient, saved memory."""
+"""The fused AGC+ReLU against the readable reference: values, every gradient, saved memory.
+
+Both implementations of the fused passes are checked: PyTorch ops, and the Triton kernels,
+which off CUDA run under Triton's interpreter (tests/conftest.py)."""
 
 import pytest
 import torch
 
-from deepcontrol.nn import AutoGainControl2d, ConvNormReLU
+from deepcontrol.nn import AutoGainControl2d, ConvNormReLU, fused_agc
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+KERNELS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed"),
+    ),
+]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -13,9 +23,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp(min=1e-30))
 
 
-def layer(channels: int, fused: bool, seed: int = 0) -> AutoGainControl2d:
+def layer(channels: int, kernels: str, seed: int = 0) -> AutoGainControl2d:
     generator = torch.Generator().manual_seed(seed)
-    agc = AutoGainControl2d(channels, relu=True, fused=fused)
+    agc = AutoGainControl2d(channels, relu=True, kernels=kernels)
     with torch.no_grad():  # trained-looking parameters, γ of both signs
         agc.mean_scale.copy_(torch.rand(channels, generator=generator) * 2)
         agc.weight.copy_(torch.randn(channels, generator=generator))
@@ -23,26 +33,44 @@ def layer(channels: int, fused: bool, seed: int = 0) -> AutoGainControl2d:
     return agc
 
 
-def forward_backward(fused: bool, y: torch.Tensor, upstream: torch.Tensor) -> list[torch.Tensor]:
-    agc = layer(y.shape[1], fused)
+def forward_backward(kernels: str, y: torch.Tensor, upstream: torch.Tensor) -> list[torch.Tensor]:
+    agc = layer(y.shape[1], kernels).to(y.device)
     y = y.clone().requires_grad_(True)
     out = agc(y)
     (out * upstream).sum().backward()
     return [out, y.grad, agc.mean_scale.grad, agc.weight.grad, agc.bias.grad]
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 5, 7, 9), (3, 4, 13, 11), (2, 16, 32, 64)])
-def test_fused_matches_reference_forward_and_every_gradient(dtype, shape):
+@pytest.mark.parametrize("shape", [(1, 5, 7, 9), (3, 4, 13, 11), (2, 16, 32, 64), (2, 80, 5, 1)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fused_matches_reference_forward_and_every_gradient(kernels, dtype, shape, layout):
     generator = torch.Generator().manual_seed(1)
     y = (torch.randn(shape, generator=generator) + 0.3).to(dtype)
     upstream = torch.randn(shape, generator=generator).to(dtype)
-    fused = forward_backward(True, y, upstream)
-    reference = forward_backward(False, y, upstream)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    fused = forward_backward(kernels, y, upstream)
+    reference = forward_backward("reference", y, upstream)
     names = ["out", "grad y", "grad λ", "grad γ", "grad β"]
     for name, got, want in zip(names, fused, reference, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         assert relative_error(got, want) <= TOLERANCE[dtype], (name, relative_error(got, want))
+
+
+@pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed")
+def test_triton_passes_take_any_memory_layout():
+    generator = torch.Generator().manual_seed(5)
+    out = torch.randn(2, 6, 5, 7, generator=generator).relu()
+    grad = torch.randn(2, 6, 7, 5, generator=generator).transpose(2, 3)  # neither NCHW nor NHWC
+    bias, scale, shift = torch.randn(3, 6, generator=generator)
+    scale, shift = scale.expand(2, 6), torch.stack([shift, -shift])
+    triton, torch_ops = fused_agc.KERNELS["triton"], fused_agc.KERNELS["torch"]
+    sums = triton.grad_sums(grad, out, bias), torch_ops.grad_sums(grad, out, bias)
+    inputs = [k.grad_input(grad, out, scale, shift) for k in (triton, torch_ops)]
+    for got, want in [*zip(*sums, strict=True), inputs]:
+        assert relative_error(got, want) <= 1e-6
 
 
 def saved_bytes(module: torch.nn.Module, y: torch.Tensor) -> int:
@@ -59,40 +87,72 @@ def saved_bytes(module: torch.nn.Module, y: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def test_fused_block_keeps_only_what_the_next_conv_keeps():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_fused_block_keeps_only_what_the_next_conv_keeps(kernels):
     torch.manual_seed(0)
     x = torch.randn(2, 8, 32, 32, requires_grad=True)
     activation = 2 * 16 * 32 * 32 * 4  # one float32 (2, 16, 32, 32) map
     blocks = {}
-    for fused in (True, False):
+    for name in (kernels, "reference"):
         block = ConvNormReLU(8, 16, "agc")
-        block[1].fused = fused
+        block[1].kernels = name
         nxt = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        blocks[fused] = saved_bytes(torch.nn.Sequential(block, nxt), x)
+        blocks[name] = saved_bytes(torch.nn.Sequential(block, nxt), x)
     # input of the first conv + its weight + the block output (shared with the next conv)
     inputs = x.numel() * 4 + 16 * 8 * 9 * 4 + 16 * 16 * 9 * 4
-    assert blocks[True] - inputs < activation * 1.1  # the output, plus per-channel means
-    assert blocks[False] - blocks[True] >= 0.99 * activation  # the reference keeps y - λm too
+    assert blocks[kernels] - inputs < activation * 1.1  # the output, plus per-channel means
+    assert blocks["reference"] - blocks[kernels] >= 0.99 * activation  # it keeps y - λm too
 
 
 def test_reference_is_used_off_cuda_and_in_evaluation():
     agc = AutoGainControl2d(4, relu=True)
     y = torch.randn(1, 4, 5, 5, requires_grad=True)
     assert agc(y).grad_fn.name() != "AGCReLUFunctionBackward"
-    agc.fused = True
+    agc.kernels = "torch"
     assert agc(y).grad_fn.name() == "AGCReLUFunctionBackward"
 
 
+def test_unknown_kernels_are_refused_clearly():
+    with pytest.raises(ValueError, match="AGC kernels must be one of auto, reference, torch"):
+        AutoGainControl2d(4, relu=True, kernels="cuda")
+    with pytest.raises(ValueError, match="AGC kernels must be one of .*got 'fast'"):
+        fused_agc.agc_relu(torch.ones(1, 1, 2, 2), *torch.ones(3, 1), kernels="fast")
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_matches_reference_on_cuda(dtype):
+def test_fused_matches_reference_on_cuda(kernels, dtype):
     generator = torch.Generator().manual_seed(2)
     y = (torch.randn(2, 64, 33, 65, generator=generator) + 0.3).to(dtype).cuda()
     upstream = torch.randn(2, 64, 33, 65, generator=generator).to(dtype).cuda()
-    fused = forward_backward(True, y, upstream)
-    reference = forward_backward(False, y, upstream)
+    y = y.contiguous(memory_format=torch.channels_last)
+    fused = forward_backward(kernels, y, upstream)
+    reference = forward_backward("reference", y, upstream)
     for got, want in zip(fused, reference, strict=True):
         assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_fused_layer_compiles_on_cuda(kernels):
+    from deepcontrol.train import compile_model
+
+    generator = torch.Generator().manual_seed(4)
+    y = (torch.randn(2, 64, 32, 64, generator=generator) + 0.3).cuda()
+    upstream = torch.randn(2, 64, 32, 64, generator=generator).cuda()
+    eager = forward_backward(kernels, y, upstream)
+    for mode in ("default", "reduce-overhead"):
+        agc = layer(64, kernels).cuda()
+        compiled = compile_model(agc, mode)
+        for _ in range(3):  # CUDA graphs record on a later call than the first
+            x = y.clone().requires_grad_(True)
+            agc.zero_grad()
+            out = compiled(x)
+            (out * upstream).sum().backward()
+        got = [out, x.grad, agc.mean_scale.grad, agc.weight.grad, agc.bias.grad]
+        for g, want in zip(got, eager, strict=True):
+            assert relative_error(g, want) <= 1e-5, mode
 
 
 @pytest.mark.slow
@@ -102,8 +162,8 @@ def test_fused_layer_compiles_to_the_same_values():
     shape = (2, 6, 9, 11)
     generator = torch.Generator().manual_seed(3)
     y, upstream = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    eager = forward_backward(True, y, upstream)
-    agc = layer(6, fused=True)
+    eager = forward_backward("torch", y, upstream)
+    agc = layer(6, "torch")
     compiled = compile_model(agc, "default")
     y = y.clone().requires_grad_(True)
     (compiled(y) * upstream).sum().backward()

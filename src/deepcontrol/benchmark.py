@@ -15,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,10 +29,15 @@ from deepcontrol.engine import autocast, train_one_epoch
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import SegNet
 from deepcontrol.nn import AutoGainControl2d
+from deepcontrol.nn.fused_agc import DEFAULT_KERNELS
 from deepcontrol.train import compile_model
 
-# "agc-naive": the reference AGC and a separate ReLU, as a plain PyTorch user would write it.
-NORMS = ("bn", "agc", "agc-naive", "none")
+# AGC's implementations (AutoGainControl2d's ``kernels``): "agc" is what training runs, the
+# fused function over DEFAULT_KERNELS; "agc-torch" the same function over PyTorch ops, its
+# alternative; "agc-naive" the reference AGC and a separate ReLU, as a plain PyTorch user
+# would write it.
+AGC_KERNELS = {"agc": "auto", "agc-torch": "torch", "agc-naive": "reference"}
+NORMS = ("bn", *AGC_KERNELS, "none")
 MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="reduce-overhead")
 # Figure 1's runs: (network, batch) per run, 150 epochs of 2975 images + 500 validation each.
 FIG1_RUNS = ((1, 2), (4, 4), (8, 6))  # (batch, how many runs): 12 runs in all
@@ -103,14 +109,20 @@ class Config:
 
 
 def build(norm: str, device: torch.device, channels_last: bool) -> nn.Module:
-    model = SegNet(num_classes=19, norm="agc" if norm.startswith("agc") else norm).to(device)
-    if norm == "agc-naive":
-        for module in model.modules():
-            if isinstance(module, AutoGainControl2d):
-                module.fused = False
+    model = SegNet(num_classes=19, norm="agc" if norm in AGC_KERNELS else norm).to(device)
+    for module in model.modules():
+        if isinstance(module, AutoGainControl2d):
+            module.kernels = AGC_KERNELS[norm]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def failure(error: Exception) -> str:
+    """The report's line for a measurement that raised; the traceback goes to the log."""
+    traceback.print_exc()
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return f"failed: {type(error).__name__}: {first_line}"
 
 
 def milliseconds(work: Callable[[], None], device: torch.device) -> float:
@@ -157,21 +169,27 @@ def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
             result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
     except torch.OutOfMemoryError:
         result.error = "out of memory"
+    except Exception as error:  # one failing setting (a compile error) must not lose the rest
+        result.error = failure(error)
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
 
 
-def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.device) -> int:
+def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.device) -> int | None:
     """The largest batch (powers of two, then bisection) whose training step fits in
-    ``cfg.memory_cap_gib``, as ``torch.cuda.set_per_process_memory_fraction`` enforces it."""
+    ``cfg.memory_cap_gib``, as ``torch.cuda.set_per_process_memory_fraction`` enforces it;
+    None if a step failed for another reason than memory."""
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gib / total), device)
     small = replace(cfg, warmup=1, steps=1)
 
     def fits(batch: int) -> bool:
-        return not measure_step(Setting(norm, batch, precision, "eager"), small, device).error
+        error = measure_step(Setting(norm, batch, precision, "eager"), small, device).error
+        if error and error != "out of memory":
+            raise RuntimeError(f"the memory-cap search for {norm} at batch {batch}: {error}")
+        return not error
 
     try:
         low, high = 0, 1
@@ -181,6 +199,9 @@ def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.de
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
         return low
+    except RuntimeError as error:
+        failure(error)
+        return None
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
@@ -189,6 +210,21 @@ def loop_efficiency(norm: str, batch: int, precision: str, cfg: Config,
                     device: torch.device) -> dict:  # fmt: skip
     """The whole training loop (device-resident uint8 data, normalisation, loss, optimiser,
     logging syncs) against the bare step on the same batch: images per second of each."""
+    row = {"norm": norm, "batch": batch, "precision": precision, "loop_images_per_s": math.nan,
+           "bare_step_images_per_s": math.nan, "ratio": math.nan, "error": ""}  # fmt: skip
+    try:
+        row["loop_images_per_s"] = _loop_images_per_s(norm, batch, precision, cfg, device)
+    except Exception as error:  # as in measure_step
+        row["error"] = failure(error)
+        return row
+    bare = measure_step(Setting(norm, batch, precision, "eager"), cfg, device)
+    row.update(bare_step_images_per_s=bare.images_per_s, error=bare.error,
+               ratio=row["loop_images_per_s"] / bare.images_per_s)  # fmt: skip
+    return row
+
+
+def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
+                       device: torch.device) -> float:  # fmt: skip
     samples = batch * cfg.loop_steps
     images = torch.randint(0, 256, (samples, cfg.height, cfg.width, 3), dtype=torch.uint8)
     labels = torch.randint(0, 19, (samples, cfg.height, cfg.width), dtype=torch.uint8)
@@ -208,15 +244,13 @@ def loop_efficiency(norm: str, batch: int, precision: str, cfg: Config,
     train_one_epoch(model, batches, optimizer, loss_fn, precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    loop = samples / (time.perf_counter() - started)
-    bare = measure_step(Setting(norm, batch, precision, "eager"), cfg, device).images_per_s
-    return {"norm": norm, "batch": batch, "precision": precision, "loop_images_per_s": loop,
-            "bare_step_images_per_s": bare, "ratio": loop / bare}  # fmt: skip
+    return samples / (time.perf_counter() - started)
 
 
 def environment(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(),
-            "device": str(device), "cpu": platform.processor() or platform.machine()}  # fmt: skip
+            "device": str(device), "cpu": platform.processor() or platform.machine(),
+            "agc_kernels": DEFAULT_KERNELS}  # fmt: skip
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -358,7 +392,7 @@ def targets(report: dict) -> list[dict]:
             True,
         )
     cap = report.get("max_batch_under_cap")
-    if cap:
+    if cap and None not in cap.values():
         add(
             f"largest batch under {report['config']['memory_cap_gib']} GiB: AGC / BN",
             cap["agc"] / max(cap["bn"], 1),
@@ -368,7 +402,7 @@ def targets(report: dict) -> list[dict]:
     for loop in report["loop"]:
         add(
             f"training loop / bare step, {loop['norm']}, batch {loop['batch']}",
-            loop["ratio"],
+            None if loop.get("error") else loop["ratio"],
             0.9,
             True,
         )
@@ -416,13 +450,15 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
                      f"{r['ms_per_step']:.2f} | {r['images_per_s']:.1f} | {peak} |"
                      + (f" {r['error']} |" if r["error"] else ""))  # fmt: skip
     if "max_batch_under_cap" in report:
-        found = ", ".join(f"{k} {v}" for k, v in report["max_batch_under_cap"].items())
+        found = ", ".join(f"{k} {'failed (see the log)' if v is None else v}"
+                          for k, v in report["max_batch_under_cap"].items())  # fmt: skip
         lines += ["", f"Largest batch under {report['config']['memory_cap_gib']} GiB: {found}"]
     lines += ["", "| training loop | batch | loop images/s | bare step images/s | ratio |",
               "|---|---|---|---|---|"]  # fmt: skip
     for loop in report["loop"]:
         lines.append(f"| {loop['norm']} | {loop['batch']} | {loop['loop_images_per_s']:.1f} | "
-                     f"{loop['bare_step_images_per_s']:.1f} | {loop['ratio']:.2f} |")  # fmt: skip
+                     f"{loop['bare_step_images_per_s']:.1f} | {loop['ratio']:.2f} |"
+                     + (f" {loop['error']} |" if loop["error"] else ""))  # fmt: skip
     if report["targets"]:
         lines += ["", "| target | measured | bar | met |", "|---|---|---|---|"]
         for t in report["targets"]:

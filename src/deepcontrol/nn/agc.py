@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepcontrol.nn.fused_agc import agc_relu
+from deepcontrol.nn.fused_agc import DEFAULT_KERNELS, KERNELS, agc_relu
 
 
 class AutoGainControl2d(nn.Module):
@@ -23,9 +23,10 @@ class AutoGainControl2d(nn.Module):
 
     Under autocast it casts its parameters to the activation's dtype rather than
     up-casting the activation. With ``relu=True`` the layer also applies the ReLU that
-    follows it. When training on CUDA (``fused=None``, or forced with ``fused=True``) it then
-    runs the fused ``agc_relu``, which saves no activation of its own. Elsewhere it runs this
-    readable reference; both compute the same values.
+    follows it, and ``kernels`` picks how: ``"auto"`` runs the fused ``agc_relu``, which saves
+    no activation of its own, when training on CUDA, and this readable reference elsewhere;
+    ``"reference"``, ``"torch"`` or ``"triton"`` force one (``deepcontrol.nn.fused_agc``). All
+    compute the same values.
     """
 
     def __init__(
@@ -33,13 +34,16 @@ class AutoGainControl2d(nn.Module):
         num_channels: int,
         mean_scale_init: float = 1.0,
         relu: bool = False,
-        fused: bool | None = None,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
         self.num_channels = num_channels
         self.mean_scale_init = mean_scale_init
         self.relu = relu
-        self.fused = fused
+        choices = ("auto", "reference", *KERNELS)
+        if kernels not in choices:
+            raise ValueError(f"AGC kernels must be one of {', '.join(choices)}, got {kernels!r}")
+        self.kernels = kernels
         self.mean_scale = nn.Parameter(torch.full((num_channels,), float(mean_scale_init)))
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -50,9 +54,11 @@ class AutoGainControl2d(nn.Module):
                 f"AutoGainControl2d({self.num_channels}) expects (N, {self.num_channels}, H, W), "
                 f"got {tuple(y.shape)}"
             )
-        fused = self.fused if self.fused is not None else y.is_cuda and torch.is_grad_enabled()
-        if self.relu and fused:
-            return agc_relu(y, self.mean_scale, self.weight, self.bias)
+        kernels = self.kernels
+        if kernels == "auto":
+            kernels = DEFAULT_KERNELS if y.is_cuda and torch.is_grad_enabled() else "reference"
+        if self.relu and kernels != "reference":
+            return agc_relu(y, self.mean_scale, self.weight, self.bias, kernels)
         shape = (1, self.num_channels, 1, 1)
         mean_scale = self.mean_scale.to(y.dtype).view(shape)
         weight = self.weight.to(y.dtype).view(shape)
