@@ -2,6 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# By default every target runs in .venv, made and kept up to date by `make install`. PY names
+# another interpreter whose environment already has the dependencies (a cluster's conda env,
+# a GPU image): `make bench PY=python3`. Then no venv is made and the package runs from src/.
+ifeq ($(origin PY),command line)
+SETUP :=
+export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
+else
+PY := $(BIN)/python
+SETUP := install
+endif
 
 .PHONY: install demo test lint clean reproduce-fig1 fig1-smoke bench
 
@@ -26,37 +36,37 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # BN, then AGC, on the embedded synthetic Cityscapes (written on first use), on the CPU.
-demo: install
-	WANDB_SILENT=true $(BIN)/deepcontrol-train --multirun experiment=demo norm=bn,agc
-	$(BIN)/python scripts/compare_runs.py --latest outputs/demo
+demo: $(SETUP)
+	WANDB_SILENT=true $(PY) -m deepcontrol.train --multirun experiment=demo norm=bn,agc
+	$(PY) scripts/compare_runs.py --latest outputs/demo
 
 # Every run of Figure 1 (each once; finished runs are skipped, unfinished ones resume), then
 # runs.csv, the figure, the λ figure and the table in $(RESULTS). The cache is checked first.
-reproduce-fig1: install
-	$(BIN)/deepcontrol-prepare data=$(DATA) $(ARGS)
-	$(BIN)/deepcontrol-train --multirun experiment=fig1 data=$(DATA) $(ARGS) \
+reproduce-fig1: $(SETUP)
+	$(PY) -m deepcontrol.data.prepare data=$(DATA) $(ARGS)
+	$(PY) -m deepcontrol.train --multirun experiment=fig1 data=$(DATA) $(ARGS) \
 		hydra/launcher=$(LAUNCHER)
-	$(BIN)/python scripts/collect_results.py outputs/$(DATA) $(RESULTS)
-	$(BIN)/python scripts/plot_fig1.py $(RESULTS) data=$(DATA) $(ARGS)
+	$(PY) scripts/collect_results.py outputs/$(DATA) $(RESULTS)
+	$(PY) scripts/plot_fig1.py $(RESULTS) data=$(DATA) $(ARGS)
 
-fig1-smoke: install
-	$(BIN)/deepcontrol-train --multirun experiment=fig1 $(SMOKE_ARGS) \
+fig1-smoke: $(SETUP)
+	$(PY) -m deepcontrol.train --multirun experiment=fig1 $(SMOKE_ARGS) \
 		hydra.sweep.dir=$(SMOKE_OUT)/runs
-	$(BIN)/python scripts/collect_results.py $(SMOKE_OUT)/runs $(SMOKE_RESULTS)
-	$(BIN)/python scripts/plot_fig1.py $(SMOKE_RESULTS) $(SMOKE_ARGS)
+	$(PY) scripts/collect_results.py $(SMOKE_OUT)/runs $(SMOKE_RESULTS)
+	$(PY) scripts/plot_fig1.py $(SMOKE_RESULTS) $(SMOKE_ARGS)
 
 # Training-step speed and memory per norm, batch, precision and mode: results/benchmark.md
 # (the full grid needs a CUDA GPU; on a CPU a reduced grid checks the code).
 BENCH_OUT ?= results
-bench: install
-	$(BIN)/python scripts/benchmark.py --out $(BENCH_OUT)
+bench: $(SETUP)
+	$(PY) scripts/benchmark.py --out $(BENCH_OUT)
 
-test: install
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+test: $(SETUP)
+	WANDB_MODE=disabled $(PY) -m pytest -q
 
-lint: install
-	$(BIN)/ruff check src tests scripts notebooks
-	$(BIN)/ruff format --check src tests scripts notebooks
+lint: $(SETUP)
+	$(PY) -m ruff check src tests scripts notebooks
+	$(PY) -m ruff format --check src tests scripts notebooks
 
 clean:
 	rm -rf outputs cache data/synthetic-cityscapes .pytest_cache

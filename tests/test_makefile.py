@@ -1,0 +1,29 @@
+"""The Makefile's two ways to run: its own .venv, or an interpreter named with PY."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+TARGETS = ("demo", "test", "lint", "bench", "reproduce-fig1", "fig1-smoke")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("target", TARGETS)
+def test_py_runs_a_target_in_that_environment_without_making_a_venv(target):
+    def commands(*args: str) -> str:
+        done = subprocess.run(["make", "-n", "-B", target, *args], cwd=REPO,
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        return done.stdout
+
+    own = commands("PY=/opt/env/bin/python3")
+    assert "venv" not in own and "pip install" not in own
+    for line in own.splitlines():
+        if line.strip() and not line.startswith("\t"):  # a command, not a continuation
+            command = re.sub(r"^(WANDB_\w+=\S+ )+", "", line)
+            assert command.startswith("/opt/env/bin/python3 "), line
+    default = commands()
+    assert "-m venv .venv" in default and ".venv/bin/python " in default
