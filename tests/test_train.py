@@ -230,8 +230,9 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
     other = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", "model.init=identity")
     with pytest.raises(ValueError, match=r"config.yaml: this directory holds a run with other"):
         train(other, tmp_path)
-    # logging and progress may change between a run and its resumption
-    same = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", "train.progress=true")
+    # logging, progress and speed settings may change between a run and its resumption
+    same = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", "train.progress=true",
+                       "train.cudnn_benchmark=false")  # fmt: skip
     assert train(same, tmp_path)["status"] == "finished"
     best = torch.load(tmp_path / "best.pt", weights_only=False)  # weights, no optimiser
     assert best["epoch"] == 1 and "model" in best and "optimizer" not in best

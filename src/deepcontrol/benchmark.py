@@ -295,6 +295,7 @@ def run_benchmark(
 
     Measurements in ``previous`` (see :func:`reusable`) are kept, not taken again; ``save``
     gets the report after each new measurement, marked ``complete: False`` until the end."""
+    torch.backends.cudnn.benchmark = True  # as training does (train.cudnn_benchmark)
     old = reusable(previous, cfg, device) or {}
     taken = {_key(r): r for r in old.get("steps", [])}
     report = {"environment": environment(device), "config": asdict(cfg), "steps": [],

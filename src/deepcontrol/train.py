@@ -96,6 +96,7 @@ RESUMABLE_CHANGES = (
     "train.resume",
     "train.compile",
     "train.channels_last",
+    "train.cudnn_benchmark",
 )
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -194,6 +195,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             return previous
 
     seed_everything(cfg.seed)
+    torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
     place, device = init_distributed(resolve_device(cfg.device))
     if not place.is_main:  # one process speaks for the run
         log.setLevel(logging.WARNING)
