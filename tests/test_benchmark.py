@@ -79,7 +79,7 @@ def test_compiled_modes_run_only_where_the_targets_look():
 
 def test_agc_variants_run_the_kernels_they_name():
     kernels = {
-        norm: {m.kernels for m in benchmark.build(norm, torch.device("cpu"), False).modules()
+        norm: {m.kernels for m in benchmark.build(norm, torch.device("cpu")).modules()
                if isinstance(m, AutoGainControl2d)}
         for norm in ("agc", "agc-torch", "agc-naive")
     }  # fmt: skip

@@ -15,7 +15,7 @@ from deepcontrol.logging import RunLogger
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import build_model
 from deepcontrol.results import read_metrics
-from deepcontrol.train import train
+from deepcontrol.train import train, use_channels_last
 
 pytestmark = pytest.mark.slow
 
@@ -236,3 +236,11 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
     assert train(same, tmp_path)["status"] == "finished"
     best = torch.load(tmp_path / "best.pt", weights_only=False)  # weights, no optimiser
     assert best["epoch"] == 1 and "model" in best and "optimizer" not in best
+
+
+def test_channels_last_is_auto_on_cuda_only_and_a_bad_value_is_named():
+    assert use_channels_last("auto", torch.device("cuda")) is True
+    assert use_channels_last("auto", torch.device("cpu")) is False
+    assert use_channels_last(True, torch.device("cpu")) is True
+    with pytest.raises(ValueError, match="train.channels_last must be true, false or auto"):
+        use_channels_last("yes", torch.device("cpu"))

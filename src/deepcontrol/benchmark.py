@@ -30,7 +30,7 @@ from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import SegNet
 from deepcontrol.nn import AutoGainControl2d
 from deepcontrol.nn.fused_agc import DEFAULT_KERNELS
-from deepcontrol.train import compile_model
+from deepcontrol.train import compile_model, use_channels_last
 
 # AGC's implementations (AutoGainControl2d's ``kernels``): "agc" is what training runs, the
 # fused function over DEFAULT_KERNELS; "agc-torch" the same function over PyTorch ops, its
@@ -108,12 +108,12 @@ class Config:
                    memory_cap_gib=None, loop_steps=4)  # fmt: skip
 
 
-def build(norm: str, device: torch.device, channels_last: bool) -> nn.Module:
+def build(norm: str, device: torch.device) -> nn.Module:
     model = SegNet(num_classes=19, norm="agc" if norm in AGC_KERNELS else norm).to(device)
     for module in model.modules():
         if isinstance(module, AutoGainControl2d):
             module.kernels = AGC_KERNELS[norm]
-    if channels_last:
+    if use_channels_last("auto", device):  # as training does by default
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -145,7 +145,7 @@ def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
     result = Result(**asdict(setting))
     try:
         torch.manual_seed(0)
-        model = build(setting.norm, device, channels_last=device.type == "cuda")
+        model = build(setting.norm, device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         mode = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
         step_model = compile_model(model, mode[setting.mode])
@@ -231,7 +231,7 @@ def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
     batches = DeviceBatches(images, labels, batch, [128.0] * 3, [1.0] * 3, shuffle=True,
                             device=device)  # fmt: skip
     torch.manual_seed(0)
-    model = build(norm, device, channels_last=device.type == "cuda")
+    model = build(norm, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def loss_fn(outputs, target, contours=None):

@@ -82,6 +82,16 @@ def compile_model(model: torch.nn.Module, mode: str | bool) -> torch.nn.Module:
     return torch.compile(model, mode=mode)
 
 
+def use_channels_last(setting: str | bool, device: torch.device) -> bool:
+    """``train.channels_last``: true, false, or auto (on CUDA, where convolutions run fastest
+    in NHWC memory; the data loader already hands them NHWC images)."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if not isinstance(setting, bool):
+        raise ValueError(f"train.channels_last must be true, false or auto, got {setting!r}")
+    return setting
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -207,7 +217,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     contours = model_outputs_contours(cfg)
     data = build_data(cfg.data, device, cfg.seed, place.rank, place.world_size, contours)
     model = build_model(cfg, data.num_classes).to(device)
-    if cfg.train.channels_last:
+    if use_channels_last(cfg.train.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
     weights = None if data.class_weights is None else data.class_weights.to(device)
