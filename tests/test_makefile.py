@@ -1,5 +1,6 @@
 """The Makefile's two ways to run: its own .venv, or an interpreter named with PY."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,8 +16,10 @@ TARGETS = ("demo", "test", "lint", "bench", "reproduce-fig1", "fig1-smoke")
 @pytest.mark.parametrize("target", TARGETS)
 def test_py_runs_a_target_in_that_environment_without_making_a_venv(target):
     def commands(*args: str) -> str:
-        done = subprocess.run(["make", "-n", "-B", target, *args], cwd=REPO,
-                              capture_output=True, text=True, check=True)  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")}
+        command = ["make", "-n", "-B", "--no-print-directory", target, *args]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
         return done.stdout
 
     own = commands("PY=/opt/env/bin/python3")

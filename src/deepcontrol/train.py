@@ -351,4 +351,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m deepcontrol.train`: run the imported module's main, not this __main__ copy,
+    # so that the SLURM launcher (submitit, cloudpickle) pickles the task by reference.
+    from deepcontrol.train import main as imported_main
+
+    imported_main()

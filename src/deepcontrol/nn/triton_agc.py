@@ -54,8 +54,8 @@ def _channel_sums_kernel(
     if GRAD:
         beta = tl.load(bias_ptr + c, mask=c_ok, other=0.0)
     first = chunk * rows
-    for start in range(first, first + rows, BLOCK_HW):
-        hw = (start + tl.arange(0, BLOCK_HW)).to(tl.int64)
+    for start in range(0, rows, BLOCK_HW):
+        hw = (first + start + tl.arange(0, BLOCK_HW)).to(tl.int64)
         ok = (hw < HW)[:, None] & c_ok[None, :]
         a = tl.load(a_ptr + n * a_sn + hw[:, None] * a_shw + c[None, :] * a_sc, mask=ok, other=0.0)
         a = a.to(tl.float32)
