@@ -66,6 +66,8 @@ def test_targets_are_judged_from_the_measured_ratios():
     steps = sum(runs * 150 * (math.ceil(2975 / b) + 500 / b / 3) for b, runs in
                 ((1, 2), (4, 4), (8, 6)))  # fmt: skip
     assert hours == pytest.approx(steps * 0.01 / 3600)
+    del flat[("agc", 4, "eager")]  # a step that failed: no cost rather than a wrong one
+    assert figure1_cost(fake_report(flat, {})) is None
 
 
 def test_compiled_modes_run_only_where_the_targets_look():
@@ -132,14 +134,17 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
     with pytest.raises(Cut):
         run_benchmark(cfg, torch.device("cpu"), save=save_then_cut)
     partial = saved[-1]
-    assert not partial["complete"] and len(partial["steps"]) == 3 and len(measured) == 3
+    # the targets' batch first, then the loop check (with its bare steps at batch 2), then
+    # the rest of the grid, where the cut came
+    assert measured == [("agc", 1), ("none", 1), ("bn", 2), ("agc", 2), ("agc", 2)]
+    assert not partial["complete"] and len(partial["steps"]) == 3 and len(partial["loop"]) == 2
     report = run_benchmark(cfg, torch.device("cpu"), previous=partial)
-    # the fourth setting, then the bare steps the loop-efficiency check compares with
-    assert measured[3:] == [("none", 2), ("bn", 2), ("agc", 2)]
-    assert report["complete"] and report["steps"][:3] == partial["steps"]
-    assert report["reused_steps"] == 3
+    assert measured[5:] == [("none", 2)]  # the one step timing the cut run did not take
+    assert report["complete"] and report["reused_steps"] == 3 and report["loop"] == partial["loop"]
+    assert [(r["norm"], r["batch"]) for r in report["steps"]] == [
+        ("agc", 1), ("none", 1), ("agc", 2), ("none", 2)]  # fmt: skip
     # a finished report, or one measured another way, is measured again from the start
     for previous in (report, {**partial, "config": {**partial["config"], "height": 64}}):
         del measured[:]
         run_benchmark(cfg, torch.device("cpu"), previous=previous)
-        assert measured[:4] == [("agc", 1), ("none", 1), ("agc", 2), ("none", 2)]
+        assert len(measured) == 6  # 4 step timings and the loop's 2 bare steps

@@ -301,19 +301,30 @@ def run_benchmark(
     report = {"environment": environment(device), "config": asdict(cfg), "steps": [],
               "reused_steps": 0, "complete": False}  # fmt: skip
     progress = save or (lambda report: None)
-    for setting in cfg.settings():
-        saved = taken.get(_key(asdict(setting)))
-        if saved:
-            row = saved
-            report["reused_steps"] += 1
-        else:
-            result = measure_step(setting, cfg, device)
-            row = {**asdict(result), "images_per_s": result.images_per_s}
-        print(f"{setting.precision:5s} {setting.mode:10s} batch {setting.batch:2d} "
-              f"{setting.norm:9s} {row['ms_per_step']:8.2f} ms  {row['peak_gib']:6.2f} GiB peak "
-              f"{row['error']}{'  (saved earlier)' if saved else ''}", flush=True)  # fmt: skip
-        report["steps"].append(row)
-        progress(report)
+
+    def measure(settings: list[Setting]) -> None:
+        for setting in settings:
+            saved = taken.get(_key(asdict(setting)))
+            if saved:
+                row = saved
+                report["reused_steps"] += 1
+            else:
+                result = measure_step(setting, cfg, device)
+                row = {**asdict(result), "images_per_s": result.images_per_s}
+            note = "  (saved earlier)" if saved else ""
+            print(f"{setting.precision:5s} {setting.mode:10s} batch {setting.batch:2d} "
+                  f"{setting.norm:9s} {row['ms_per_step']:8.2f} ms  {row['peak_gib']:6.2f} GiB "
+                  f"peak {row['error']}{note}", flush=True)  # fmt: skip
+            report["steps"].append(row)
+            progress(report)
+
+    # What the targets read comes first (the first precision at the compiled batches, then
+    # the memory cap and the loop), the rest of the grid last: a run cut short keeps them.
+    grid = cfg.settings()
+    first = [
+        s for s in grid if s.precision == cfg.precisions[0] and s.batch in cfg.compiled_batches
+    ]
+    measure(first)
     if cfg.memory_cap_gib and device.type == "cuda":
         report["max_batch_under_cap"] = old.get("max_batch_under_cap") or {
             norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
@@ -325,6 +336,9 @@ def run_benchmark(
         loop_efficiency(norm, batch, cfg.precisions[0], cfg, device) for norm in ("bn", "agc")
     ]
     progress(report)
+    measure([s for s in grid if s not in first])
+    order = {_key(asdict(s)): i for i, s in enumerate(grid)}
+    report["steps"].sort(key=lambda row: order[_key(row)])
     report["targets"] = targets(report) if device.type == "cuda" else []
     report["figure1_cost"] = figure1_cost(report) if device.type == "cuda" else None
     report["complete"] = True
@@ -410,7 +424,7 @@ def targets(report: dict) -> list[dict]:
     return out
 
 
-def figure1_cost(report: dict) -> dict:
+def figure1_cost(report: dict) -> dict | None:
     """H100-hours for Figure 1's 12 runs from the measured best AGC/BN step times.
 
     Each run: 150 epochs of 2975 training images at its batch, plus 500 validation images
@@ -419,7 +433,10 @@ def figure1_cost(report: dict) -> dict:
     precision = report["config"]["precisions"][0]
     hours = 0.0
     for batch, runs in FIG1_RUNS:
-        step = max(_best(report, n, batch, precision, MODES)["ms_per_step"] for n in ("bn", "agc"))
+        rows = [_best(report, norm, batch, precision, MODES) for norm in ("bn", "agc")]
+        if None in rows:  # a step it needs failed
+            return None
+        step = max(row["ms_per_step"] for row in rows)
         steps = FIG1_EPOCHS * (math.ceil(FIG1_TRAIN / batch) + FIG1_VAL / batch / 3)
         hours += runs * steps * step / 1000 / 3600
     return {"gpu_hours": hours, "runs": sum(r for _, r in FIG1_RUNS), "precision": precision}
@@ -472,4 +489,6 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
         cost = report["figure1_cost"]
         hours = f"{cost['gpu_hours']:.2f} GPU-hours on this GPU (target ≤ 4 H100-hours)"
         lines += ["", f"Figure 1 ({cost['runs']} runs, {cost['precision']}): {hours}."]
+    elif report["targets"]:
+        lines += ["", "Figure 1's cost: not computed, a BN or AGC step time it needs failed."]
     write_atomic(out_dir / "benchmark.md", "\n".join(lines) + "\n")
