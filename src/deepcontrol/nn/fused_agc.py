@@ -93,8 +93,9 @@ class AGCReLUFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, None]:
         out, mean, mean_scale, weight, bias = ctx.saved_tensors
         passes = KERNELS[ctx.kernels]
-        lam, gamma = mean_scale.float(), weight.float()
-        g_sum, g_centred = passes.grad_sums(grad_out, out, bias)  # (N, C) float32 each
+        # The derivative of the forward as computed, with the parameters rounded as it used them.
+        lam, gamma, beta = (p.to(out.dtype).float() for p in (mean_scale, weight, bias))
+        g_sum, g_centred = passes.grad_sums(grad_out, out, beta)  # (N, C) float32 each
         positions = out.shape[2] * out.shape[3]
         grad_y = passes.grad_input(
             grad_out, out, gamma.expand_as(g_sum), -gamma * lam * g_sum / positions
