@@ -59,17 +59,31 @@ def test_fused_matches_reference_forward_and_every_gradient(kernels, dtype, shap
         assert relative_error(got, want) <= TOLERANCE[dtype], (name, relative_error(got, want))
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_a_channel_with_zero_gain_gets_no_gain_gradient_and_no_nan(kernels):
+    generator = torch.Generator().manual_seed(6)
+    y, upstream = torch.randn(2, 3, 6, 5, generator=generator), torch.randn(2, 3, 6, 5)
+    agc = layer(3, kernels)
+    with torch.no_grad():
+        agc.weight[1] = 0.0  # out = relu(β) there, so y - λm cannot be recovered from it
+        agc.bias[1] = 0.5
+    y.requires_grad_(True)
+    (agc(y) * upstream).sum().backward()
+    grads = [y.grad, agc.mean_scale.grad, agc.weight.grad, agc.bias.grad]
+    assert all(torch.isfinite(g).all() for g in grads) and agc.weight.grad[1] == 0
+    assert agc.bias.grad[1] == pytest.approx(float(upstream[:, 1].sum()), rel=1e-5)
+
+
 @pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed")
 def test_triton_passes_take_any_memory_layout():
     generator = torch.Generator().manual_seed(5)
     out = torch.randn(2, 6, 5, 7, generator=generator).relu()
     grad = torch.randn(2, 6, 7, 5, generator=generator).transpose(2, 3)  # neither NCHW nor NHWC
-    bias, scale, shift = torch.randn(3, 6, generator=generator)
-    scale, shift = scale.expand(2, 6), torch.stack([shift, -shift])
+    lam, gamma, beta = torch.randn(3, 6, generator=generator)
     triton, torch_ops = fused_agc.KERNELS["triton"], fused_agc.KERNELS["torch"]
-    sums = triton.grad_sums(grad, out, bias), torch_ops.grad_sums(grad, out, bias)
-    inputs = [k.grad_input(grad, out, scale, shift) for k in (triton, torch_ops)]
-    for got, want in [*zip(*sums, strict=True), inputs]:
+    gsums = [k.grad_sums(grad, out, beta) for k in (triton, torch_ops)]
+    inputs = [k.grad_input(grad, out, gsums[1], lam, gamma) for k in (triton, torch_ops)]
+    for got, want in (gsums, inputs):
         assert relative_error(got, want) <= 1e-6
 
 

@@ -1,9 +1,8 @@
 """AGC and the ReLU after it as one autograd function that saves no activation of its own.
 
 Forward: ``out = relu((y - λ·m)·γ + β)`` with ``m = mean_HW(y)``, one reduction and one
-elementwise pass. The backward needs only ``out``, which the next
-convolution keeps anyway as its input, and the per-(sample, channel) means ``m``. With
-``g = ∂L/∂out · [out > 0]``:
+elementwise pass. The backward needs only ``out``, which the next convolution keeps anyway as
+its input, and the per-(sample, channel) sums of ``y``. With ``g = ∂L/∂out · [out > 0]``:
 
 - ``∂L/∂β = Σ g``
 - ``∂L/∂γ = Σ g·(y - λm) = Σ g·(out - β)/γ``, because ``out = (y - λm)γ + β`` wherever ``g ≠ 0``
@@ -15,10 +14,11 @@ reference, ``relu(AutoGainControl2d(y))``, keeps ``y - λm`` for γ's gradient: 
 activation-sized tensor per layer. Recovering ``y - λm`` divides by γ, so a channel whose γ
 is exactly 0 gets no γ gradient here; γ starts at 1.
 
-The function works on four passes, each a per-(sample, channel) reduction or affine map, and
-two implementations of them exist: ``kernels="torch"`` (PyTorch ops, which ``torch.compile``
-fuses) and ``kernels="triton"`` (``deepcontrol.nn.triton_agc``, two kernels in eager mode too).
-``make bench`` times both on the GPU (issue 4 asks for whichever measures faster).
+The function runs five passes: the sums of ``y``; eq. (1) and the ReLU; the sums of ``g``;
+``∂L/∂y``; the parameters' gradients. Two implementations of them exist: ``kernels="torch"``
+(PyTorch ops, which ``torch.compile`` fuses) and ``kernels="triton"``
+(``deepcontrol.nn.triton_agc``, a kernel each, so that eager mode launches few). ``make bench``
+times both on the GPU (issue 4 asks for whichever measures faster).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from torch import Tensor
 
 try:
     from deepcontrol.nn import triton_agc
@@ -33,39 +34,68 @@ except ImportError:  # no Triton on this platform: the PyTorch passes serve
     triton_agc = None
 
 
-def _per_sample(t: torch.Tensor) -> torch.Tensor:
-    return t[:, :, None, None]
+def _rounded(dtype: torch.dtype, *params: Tensor) -> list[Tensor]:
+    """``params`` as eq. (1) uses them on ``dtype`` activations (rounded), in float32."""
+    return [p.to(dtype).float() for p in params]
 
 
-def _torch_grad_sums(
-    grad_out: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_agc_relu(y: Tensor, sums: Tensor, mean_scale: Tensor, weight: Tensor,
+                    bias: Tensor) -> Tensor:  # fmt: skip
+    lam, gamma, beta = (p.to(y.dtype) for p in (mean_scale, weight, bias))
+    mean = (sums / (y.shape[2] * y.shape[3])).to(y.dtype)
+    centred = y - (lam * mean)[:, :, None, None]  # eq. (1) in y's dtype, as the reference
+    return torch.relu(centred * gamma[:, None, None] + beta[:, None, None])
+
+
+def _torch_grad_sums(grad_out: Tensor, out: Tensor, bias: Tensor) -> Tensor:
     # Float32 products and sums: bf16 sums over 128×256 positions would lose the gradient.
     g = grad_out.masked_fill(out <= 0, 0).float()
-    centred = out.float() - bias.float().view(1, -1, 1, 1)
-    return g.sum(dim=(2, 3)), (g * centred).sum(dim=(2, 3))
+    [beta] = _rounded(out.dtype, bias)
+    return torch.stack([g.sum(dim=(2, 3)), (g * (out.float() - beta[:, None, None])).sum((2, 3))])
 
 
+def _torch_grad_input(grad_out: Tensor, out: Tensor, gsums: Tensor, mean_scale: Tensor,
+                      weight: Tensor) -> Tensor:  # fmt: skip
+    lam, gamma = _rounded(out.dtype, mean_scale, weight)
+    shift = -gamma * lam * gsums[0] / (out.shape[2] * out.shape[3])
+    g = grad_out.masked_fill(out <= 0, 0).float()
+    return (g * gamma[:, None, None] + shift[:, :, None, None]).to(out.dtype)
+
+
+def _torch_param_grads(sums: Tensor, gsums: Tensor, mean_scale: Tensor, weight: Tensor,
+                       bias: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    [gamma] = _rounded(out.dtype, weight)
+    mean = (sums / (out.shape[2] * out.shape[3])).to(out.dtype).float()
+    # 0 where γ is exactly 0, which leaves y - λm unrecoverable from out
+    grad_gamma = torch.where(gamma == 0, 0.0, gsums[1].sum(0) / torch.where(gamma == 0, 1.0, gamma))
+    return (
+        (-gamma * (mean * gsums[0]).sum(0)).to(mean_scale.dtype),
+        grad_gamma.to(weight.dtype),
+        gsums[0].sum(0).to(bias.dtype),
+    )
+
+
+# The passes of the fused function, as PyTorch ops; deepcontrol.nn.triton_agc has the same
+# five functions as Triton kernels.
 TORCH_KERNELS = SimpleNamespace(
-    channel_means=lambda y: y.mean(dim=(2, 3), dtype=torch.float32),
-    affine_relu=lambda y, sub, scale, shift: torch.relu(
-        (y - _per_sample(sub).to(y.dtype)) * _per_sample(scale).to(y.dtype)
-        + _per_sample(shift).to(y.dtype)
-    ),
+    channel_sums=lambda y: y.sum(dim=(2, 3), dtype=torch.float32),
+    agc_relu=_torch_agc_relu,
     grad_sums=_torch_grad_sums,
-    grad_input=lambda grad_out, out, scale, shift: (
-        grad_out.masked_fill(out <= 0, 0).float() * _per_sample(scale) + _per_sample(shift)
-    ).to(out.dtype),
+    grad_input=_torch_grad_input,
+    param_grads=_torch_param_grads,
 )
-
-
 KERNELS = {"torch": TORCH_KERNELS, "triton": triton_agc}
 # What AutoGainControl2d runs when training on CUDA. Pending issue 4's GPU measurement of both.
 DEFAULT_KERNELS = "triton" if triton_agc is not None else "torch"
 
 
 class AGCReLUFunction(torch.autograd.Function):
-    """``relu((y - λ·mean_HW(y))·γ + β)`` for (N, C, H, W) ``y`` and (C,) λ, γ, β."""
+    """``relu((y - λ·mean_HW(y))·γ + β)`` for (N, C, H, W) ``y`` and (C,) λ, γ, β.
+
+    In the activations' dtype the forward rounds after each operation as the reference does:
+    in bf16 a different rounding would flip the ReLU of outputs near 0, and with them the
+    gradient. The backward differentiates that forward, with λ, γ, β rounded as it used them.
+    """
 
     @staticmethod
     def forward(
@@ -77,36 +107,22 @@ class AGCReLUFunction(torch.autograd.Function):
         kernels: str,
     ) -> torch.Tensor:
         passes = KERNELS[kernels]
-        mean = passes.channel_means(y)  # (N, C) float32
-        # Eq. (1) in y's dtype, rounded after each operation as the reference is: in bf16 a
-        # different rounding would flip the ReLU of outputs near 0 and with them the gradient.
-        lam, gamma, beta = (p.to(y.dtype).float() for p in (mean_scale, weight, bias))
-        sub = (lam * mean.to(y.dtype).float()).to(y.dtype).float()
-        out = passes.affine_relu(y, sub, gamma.expand_as(mean), beta.expand_as(mean))
+        sums = passes.channel_sums(y)  # (N, C) float32
+        out = passes.agc_relu(y, sums, mean_scale, weight, bias)
         ctx.kernels = kernels
-        ctx.save_for_backward(out, mean, mean_scale, weight, bias)
+        ctx.save_for_backward(out, sums, mean_scale, weight, bias)
         return out
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        out, mean, mean_scale, weight, bias = ctx.saved_tensors
+        out, sums, mean_scale, weight, bias = ctx.saved_tensors
         passes = KERNELS[ctx.kernels]
-        # The derivative of the forward as computed, with the parameters rounded as it used them.
-        lam, gamma, beta = (p.to(out.dtype).float() for p in (mean_scale, weight, bias))
-        g_sum, g_centred = passes.grad_sums(grad_out, out, beta)  # (N, C) float32 each
-        positions = out.shape[2] * out.shape[3]
-        grad_y = passes.grad_input(
-            grad_out, out, gamma.expand_as(g_sum), -gamma * lam * g_sum / positions
-        )
-        return (
-            grad_y,
-            (-gamma * (mean * g_sum).sum(0)).to(mean_scale.dtype),
-            (g_centred.sum(0) / gamma).to(weight.dtype),
-            g_sum.sum(0).to(bias.dtype),
-            None,
-        )
+        gsums = passes.grad_sums(grad_out, out, bias)  # (2, N, C): Σ g, Σ g·(out - β)
+        grad_y = passes.grad_input(grad_out, out, gsums, mean_scale, weight)
+        grads = passes.param_grads(sums, gsums, mean_scale, weight, bias, out)
+        return grad_y, *grads, None
 
 
 def agc_relu(

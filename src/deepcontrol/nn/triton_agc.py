@@ -1,14 +1,17 @@
 """Triton kernels for the fused AGC+ReLU (``deepcontrol.nn.fused_agc``, ``kernels="triton"``).
 
 Four passes over activation-sized memory per layer and step, the fewest the fused function
-allows: forward, one read of ``y`` for the means and one read of ``y`` and write of ``out``;
+allows: forward, one read of ``y`` for the sums and one read of ``y`` and write of ``out``;
 backward, one read of ``∂L/∂out`` and ``out`` for the sums and one more of both to write
-``∂L/∂y``. Sums and the backward are float32 whatever the activations' dtype; the forward
-rounds as PyTorch's eq. (1) does, so that both zero the same outputs.
+``∂L/∂y``. The per-(sample, channel) arithmetic (means, eq. (1)'s scale and shift, the
+parameters' gradients) happens inside the kernels too, so a layer launches three kernels
+and one small sum forward and four backward: in eager mode at batch 1, launches, not memory,
+bound the step. Sums and the backward are float32 whatever the activations' dtype; the
+forward rounds as PyTorch's eq. (1) does, so that both zero the same outputs.
 
 Each kernel sees a tensor as (N, H·W, C) through its strides, so NCHW and channels_last
 activations run without a copy. Off CUDA the kernels run only under Triton's interpreter
-(``TRITON_INTERPRET=1`` set before this module is imported), which is how the CPU tests
+(``TRITON_INTERPRET=1`` set before Triton is first imported), which is how the CPU tests
 check them against the reference.
 """
 
@@ -35,16 +38,15 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _channel_sums_kernel(
-    a_ptr, out_ptr, bias_ptr, sums_ptr, dots_ptr,
+def _partial_sums_kernel(
+    a_ptr, out_ptr, bias_ptr, partial_ptr,
     N, C, HW, rows,
     a_sn, a_shw, a_sc, o_sn, o_shw, o_sc,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, GRAD: tl.constexpr,
 ):  # fmt: skip
-    """Per-(sample, channel) partial sums over ``rows`` positions, into [chunk, n, c].
-
-    Forward (``GRAD=False``): ``Σ a`` with ``a = y``. Backward: ``Σ g`` and ``Σ g·(out - β)``
-    with ``g = a·[out > 0]`` and ``a = ∂L/∂out``."""
+    """Per-(sample, channel) sums over one chunk of ``rows`` positions, into
+    ``partial[k, chunk, n, c]``. Forward (``GRAD=False``): ``Σ a`` with ``a = y``. Backward:
+    ``Σ g`` (k = 0) and ``Σ g·(out - β)`` (k = 1), with ``g = a·[out > 0]``, ``a = ∂L/∂out``."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     chunk = tl.program_id(2)
@@ -52,7 +54,8 @@ def _channel_sums_kernel(
     total = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     dot = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     if GRAD:
-        beta = tl.load(bias_ptr + c, mask=c_ok, other=0.0)
+        beta = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        beta = _rounded(beta, out_ptr.dtype.element_ty)[None, :]
     first = chunk * rows
     for start in range(0, rows, BLOCK_HW):
         hw = (first + start + tl.arange(0, BLOCK_HW)).to(tl.int64)
@@ -63,45 +66,93 @@ def _channel_sums_kernel(
             o = tl.load(out_ptr + n * o_sn + hw[:, None] * o_shw + c[None, :] * o_sc, mask=ok,
                         other=0.0).to(tl.float32)  # fmt: skip
             a = tl.where(o <= 0, 0.0, a)
-            dot += a * (o - beta[None, :])
+            dot += a * (o - beta)
         total += a
     at = (chunk * N + n) * C + c
-    tl.store(sums_ptr + at, tl.sum(total, axis=0), mask=c_ok)
+    tl.store(partial_ptr + at, tl.sum(total, axis=0), mask=c_ok)
     if GRAD:
-        tl.store(dots_ptr + at, tl.sum(dot, axis=0), mask=c_ok)
+        tl.store(partial_ptr + tl.num_programs(2) * N * C + at, tl.sum(dot, axis=0), mask=c_ok)
 
 
 @triton.jit
-def _channel_affine_kernel(
-    a_ptr, out_ptr, res_ptr, sub_ptr, scale_ptr, shift_ptr,
+def _agc_relu_kernel(
+    y_ptr, out_ptr, sums_ptr, lam_ptr, gamma_ptr, beta_ptr,
     C, HW,
-    a_sn, a_shw, a_sc, o_sn, o_shw, o_sc, r_sn, r_shw, r_sc,
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, GRAD: tl.constexpr,
+    y_sn, y_shw, y_sc, o_sn, o_shw, o_sc,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """One tile of the forward ``relu((a - sub)·scale + shift)``, rounded to ``res``'s dtype
-    after each operation as PyTorch's eq. (1) is, so both zero the same outputs; or of the
-    backward ``a·[out > 0]·scale + shift`` (``a = ∂L/∂out``), in float32 until the store.
-    ``sub``, ``scale`` and ``shift`` are (N, C) float32."""
+    """One tile of eq. (1) and the ReLU, ``relu((y - λ·mean)·γ + β)``, rounded to ``out``'s
+    dtype after each operation as PyTorch computes the reference."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = (tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
     c_ok = c < C
     ok = (hw < HW)[:, None] & c_ok[None, :]
-    scale = tl.load(scale_ptr + n * C + c, mask=c_ok, other=0.0)[None, :]
-    shift = tl.load(shift_ptr + n * C + c, mask=c_ok, other=0.0)[None, :]
-    a = tl.load(a_ptr + n * a_sn + hw[:, None] * a_shw + c[None, :] * a_sc, mask=ok, other=0.0)
-    a = a.to(tl.float32)
-    dtype = res_ptr.dtype.element_ty
-    if GRAD:
-        o = tl.load(out_ptr + n * o_sn + hw[:, None] * o_shw + c[None, :] * o_sc, mask=ok,
-                    other=0.0)  # fmt: skip
-        res = tl.where(o <= 0, 0.0, a * scale) + shift
-    else:
-        sub = tl.load(sub_ptr + n * C + c, mask=c_ok, other=0.0)[None, :]
-        res = _rounded(_rounded(a - sub, dtype) * scale, dtype) + shift
-        res = tl.where(res < 0, 0.0, res)  # NaN stays NaN, as in torch.relu
+    dtype = out_ptr.dtype.element_ty
+    mean = _rounded(tl.load(sums_ptr + n * C + c, mask=c_ok, other=0.0) / HW, dtype)
+    lam = _rounded(tl.load(lam_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+    gamma = _rounded(tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+    beta = _rounded(tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+    sub = _rounded(lam * mean, dtype)[None, :]
+    y = tl.load(y_ptr + n * y_sn + hw[:, None] * y_shw + c[None, :] * y_sc, mask=ok, other=0.0)
+    res = _rounded(_rounded(y.to(tl.float32) - sub, dtype) * gamma[None, :], dtype) + beta[None, :]
+    res = _rounded(tl.where(res < 0, 0.0, res), dtype)  # NaN stays NaN, as in torch.relu
+    tl.store(out_ptr + n * o_sn + hw[:, None] * o_shw + c[None, :] * o_sc, res.to(dtype), mask=ok)
+
+
+@triton.jit
+def _agc_relu_grad_kernel(
+    g_ptr, out_ptr, grad_ptr, gsums_ptr, lam_ptr, gamma_ptr,
+    C, HW,
+    g_sn, g_shw, g_sc, o_sn, o_shw, o_sc, r_sn, r_shw, r_sc,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """One tile of ``∂L/∂y = γ·g - γλ·mean_HW(g)`` with ``g = ∂L/∂out·[out > 0]``; ``gsums``
+    holds ``Σ_HW g`` per (sample, channel)."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = (tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
+    c_ok = c < C
+    ok = (hw < HW)[:, None] & c_ok[None, :]
+    dtype = grad_ptr.dtype.element_ty
+    lam = _rounded(tl.load(lam_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+    gamma = _rounded(tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+    g_sum = tl.load(gsums_ptr + n * C + c, mask=c_ok, other=0.0)
+    shift = (-gamma * lam * g_sum / HW)[None, :]
+    g = tl.load(g_ptr + n * g_sn + hw[:, None] * g_shw + c[None, :] * g_sc, mask=ok, other=0.0)
+    o = tl.load(out_ptr + n * o_sn + hw[:, None] * o_shw + c[None, :] * o_sc, mask=ok, other=0.0)
+    res = tl.where(o <= 0, 0.0, g.to(tl.float32) * gamma[None, :]) + shift
     res = _rounded(res, dtype).to(dtype)
-    tl.store(res_ptr + n * r_sn + hw[:, None] * r_shw + c[None, :] * r_sc, res, mask=ok)
+    tl.store(grad_ptr + n * r_sn + hw[:, None] * r_shw + c[None, :] * r_sc, res, mask=ok)
+
+
+@triton.jit
+def _param_grads_kernel(
+    sums_ptr, gsums_ptr, gamma_ptr, grad_lam_ptr, grad_gamma_ptr, grad_beta_ptr, out_ptr,
+    N, C, HW,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """λ, γ and β's gradients from the per-(sample, channel) sums: ``Σ g``, ``Σ g·(out-β)/γ``
+    (0 where γ is exactly 0, which leaves ``y - λm`` unrecoverable) and ``-γ Σ_n m·Σ g``.
+    Of ``out`` only the dtype is read, to round as the forward did."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    dtype = out_ptr.dtype.element_ty
+    gamma = _rounded(tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+    g_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dot_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_g_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for n in range(0, N):
+        g_sum = tl.load(gsums_ptr + n * C + c, mask=c_ok, other=0.0)
+        mean = _rounded(tl.load(sums_ptr + n * C + c, mask=c_ok, other=0.0) / HW, dtype)
+        g_total += g_sum
+        dot_total += tl.load(gsums_ptr + (N + n) * C + c, mask=c_ok, other=0.0)
+        mean_g_total += mean * g_sum
+    tl.store(grad_beta_ptr + c, g_total.to(grad_beta_ptr.dtype.element_ty), mask=c_ok)
+    grad_gamma = tl.where(gamma == 0, 0.0, dot_total / tl.where(gamma == 0, 1.0, gamma))
+    tl.store(grad_gamma_ptr + c, grad_gamma.to(grad_gamma_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(grad_lam_ptr + c, (-gamma * mean_g_total).to(grad_lam_ptr.dtype.element_ty),
+             mask=c_ok)  # fmt: skip
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -128,74 +179,92 @@ def _blocks(channels: int) -> tuple[int, int]:
     return TILE // block_c, block_c
 
 
-def _channel_sums(
-    a: torch.Tensor, out: torch.Tensor | None = None, bias: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    a = _dense(a)
+def _tiles(t: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
+    """The grid of ``_agc_relu_kernel`` and ``_agc_relu_grad_kernel`` over ``t``, and blocks."""
+    n, c, h, w = t.shape
+    block_hw, block_c = _blocks(c)
+    return (n, _cdiv(c, block_c), _cdiv(h * w, block_hw)), block_hw, block_c
+
+
+def _sums(a: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``_partial_sums_kernel`` over ``a``, then the sum over chunks: (k, N, C) float32."""
     n, c, h, w = a.shape
     block_hw, block_c = _blocks(c)
     c_blocks = _cdiv(c, block_c)
     chunks = max(1, min(_cdiv(h * w, block_hw), _cdiv(PROGRAMS, n * c_blocks)))
     rows = _cdiv(_cdiv(h * w, chunks), block_hw) * block_hw
     chunks = _cdiv(h * w, rows)
-    sums = torch.empty((chunks, n, c), device=a.device, dtype=torch.float32)
     grad = out is not None
-    dots = torch.empty_like(sums) if grad else sums
+    partial = torch.empty((2 if grad else 1, chunks, n, c), device=a.device, dtype=torch.float32)
     out = out if grad else a
-    bias = bias if grad else sums
-    _channel_sums_kernel[(n, c_blocks, chunks)](
-        a, out, bias, sums, dots, n, c, h * w, rows, *_strides(a), *_strides(out),
+    _partial_sums_kernel[(n, c_blocks, chunks)](
+        a, out, bias if grad else partial, partial, n, c, h * w, rows,
+        *_strides(a), *_strides(out),
         BLOCK_HW=block_hw, BLOCK_C=block_c, GRAD=grad, num_warps=8,
     )  # fmt: skip
-    return sums.sum(0), dots.sum(0) if grad else None
+    return partial.sum(1)
 
 
-def _channel_affine(
-    a: torch.Tensor,
-    out: torch.Tensor | None,
-    sub: torch.Tensor | None,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
+def channel_sums(y: torch.Tensor) -> torch.Tensor:
+    """``Σ_HW y`` as an (N, C) float32 tensor."""
+    return _sums(_dense(y), None, None)[0]
+
+
+def agc_relu(
+    y: torch.Tensor,
+    sums: torch.Tensor,
+    mean_scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
 ) -> torch.Tensor:
-    a = _dense(a)
-    n, c, h, w = a.shape
-    block_hw, block_c = _blocks(c)
-    grad = out is not None
-    out = out if grad else a
-    res = torch.empty_like(out)
-    scale, shift = scale.contiguous(), shift.contiguous()
-    grid = (n, _cdiv(c, block_c), _cdiv(h * w, block_hw))
-    _channel_affine_kernel[grid](
-        a, out, res, scale if grad else sub.contiguous(), scale, shift, c, h * w,
-        *_strides(a), *_strides(out), *_strides(res),
-        BLOCK_HW=block_hw, BLOCK_C=block_c, GRAD=grad, num_warps=8,
+    """``relu((y - λ·mean_HW(y))·γ + β)`` from ``sums = Σ_HW y``, in ``y``'s dtype and layout."""
+    y = _dense(y)
+    out = torch.empty_like(y)
+    grid, block_hw, block_c = _tiles(y)
+    _agc_relu_kernel[grid](
+        y, out, sums, mean_scale, weight, bias, y.shape[1], y.shape[2] * y.shape[3],
+        *_strides(y), *_strides(out), BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
     )  # fmt: skip
-    return res
+    return out
 
 
-def channel_means(y: torch.Tensor) -> torch.Tensor:
-    """``mean_HW(y)`` as an (N, C) float32 tensor."""
-    sums, _ = _channel_sums(y)
-    return sums / (y.shape[2] * y.shape[3])
-
-
-def affine_relu(
-    y: torch.Tensor, sub: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
-) -> torch.Tensor:
-    """``relu((y - sub)·scale + shift)`` in ``y``'s dtype; (N, C) float32 ``sub``, ``scale``
-    and ``shift`` hold values of that dtype."""
-    return _channel_affine(y, None, sub, scale, shift)
-
-
-def grad_sums(
-    grad_out: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Σ_HW g`` and ``Σ_HW g·(out - β)``, (N, C) float32, with ``g = ∂L/∂out·[out > 0]``."""
-    return _channel_sums(grad_out, out, bias.float().contiguous())
+def grad_sums(grad_out: torch.Tensor, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``[Σ_HW g, Σ_HW g·(out - β)]``, (2, N, C) float32, with ``g = ∂L/∂out·[out > 0]``."""
+    return _sums(_dense(grad_out), out, bias)
 
 
 def grad_input(
-    grad_out: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    gsums: torch.Tensor,
+    mean_scale: torch.Tensor,
+    weight: torch.Tensor,
 ) -> torch.Tensor:
-    """``g·scale + shift`` with ``g = ∂L/∂out·[out > 0]``, in ``out``'s dtype and layout."""
-    return _channel_affine(grad_out, out, None, scale, shift)
+    """``∂L/∂y`` in ``out``'s dtype and layout; ``gsums`` is what ``grad_sums`` returned."""
+    grad_out = _dense(grad_out)
+    grad_y = torch.empty_like(out)
+    grid, block_hw, block_c = _tiles(out)
+    _agc_relu_grad_kernel[grid](
+        grad_out, out, grad_y, gsums, mean_scale, weight, out.shape[1],
+        out.shape[2] * out.shape[3], *_strides(grad_out), *_strides(out), *_strides(grad_y),
+        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
+    )  # fmt: skip
+    return grad_y
+
+
+def param_grads(
+    sums: torch.Tensor,
+    gsums: torch.Tensor,
+    mean_scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of λ, γ and β, each in its parameter's dtype."""
+    n, c = sums.shape
+    grads = [torch.empty_like(p) for p in (mean_scale, weight, bias)]
+    block_c = min(256, 1 << (c - 1).bit_length())
+    _param_grads_kernel[(_cdiv(c, block_c),)](
+        sums, gsums, weight, *grads, out, n, c, out.shape[2] * out.shape[3], BLOCK_C=block_c,
+    )  # fmt: skip
+    return grads[0], grads[1], grads[2]
