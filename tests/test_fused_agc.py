@@ -18,6 +18,11 @@ KERNELS = [
 ]
 
 
+def on(kernels: str) -> torch.device:
+    """Where a kernel set runs here: Triton on CUDA, or under its interpreter on the CPU."""
+    return torch.device("cuda" if kernels == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.detach().double(), want.detach().double()
     return float((got - want).norm() / want.norm().clamp(min=1e-30))
@@ -47,8 +52,8 @@ def forward_backward(kernels: str, y: torch.Tensor, upstream: torch.Tensor) -> l
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_fused_matches_reference_forward_and_every_gradient(kernels, dtype, shape, layout):
     generator = torch.Generator().manual_seed(1)
-    y = (torch.randn(shape, generator=generator) + 0.3).to(dtype)
-    upstream = torch.randn(shape, generator=generator).to(dtype)
+    y = (torch.randn(shape, generator=generator) + 0.3).to(on(kernels), dtype)
+    upstream = torch.randn(shape, generator=generator).to(on(kernels), dtype)
     if layout == "channels_last":
         y = y.contiguous(memory_format=torch.channels_last)
     fused = forward_backward(kernels, y, upstream)
@@ -62,8 +67,9 @@ def test_fused_matches_reference_forward_and_every_gradient(kernels, dtype, shap
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_a_channel_with_zero_gain_gets_no_gain_gradient_and_no_nan(kernels):
     generator = torch.Generator().manual_seed(6)
-    y, upstream = torch.randn(2, 3, 6, 5, generator=generator), torch.randn(2, 3, 6, 5)
-    agc = layer(3, kernels)
+    y = torch.randn(2, 3, 6, 5, generator=generator, device=on(kernels))
+    upstream = torch.randn(2, 3, 6, 5, device=on(kernels))
+    agc = layer(3, kernels).to(on(kernels))
     with torch.no_grad():
         agc.weight[1] = 0.0  # out = relu(β) there, so y - λm cannot be recovered from it
         agc.bias[1] = 0.5
@@ -76,10 +82,10 @@ def test_a_channel_with_zero_gain_gets_no_gain_gradient_and_no_nan(kernels):
 
 @pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed")
 def test_triton_passes_take_any_memory_layout():
-    generator = torch.Generator().manual_seed(5)
-    out = torch.randn(2, 6, 5, 7, generator=generator).relu()
-    grad = torch.randn(2, 6, 7, 5, generator=generator).transpose(2, 3)  # neither NCHW nor NHWC
-    lam, gamma, beta = torch.randn(3, 6, generator=generator)
+    generator, device = torch.Generator().manual_seed(5), on("triton")
+    out = torch.randn(2, 6, 5, 7, generator=generator).relu().to(device)
+    grad = torch.randn(2, 6, 7, 5, generator=generator).to(device).transpose(2, 3)  # not NHWC
+    lam, gamma, beta = torch.randn(3, 6, generator=generator).to(device)
     triton, torch_ops = fused_agc.KERNELS["triton"], fused_agc.KERNELS["torch"]
     gsums = [k.grad_sums(grad, out, beta) for k in (triton, torch_ops)]
     inputs = [k.grad_input(grad, out, gsums[1], lam, gamma) for k in (triton, torch_ops)]
@@ -104,14 +110,14 @@ def saved_bytes(module: torch.nn.Module, y: torch.Tensor) -> int:
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_fused_block_keeps_only_what_the_next_conv_keeps(kernels):
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 32, 32, requires_grad=True)
+    x = torch.randn(2, 8, 32, 32, device=on(kernels), requires_grad=True)
     activation = 2 * 16 * 32 * 32 * 4  # one float32 (2, 16, 32, 32) map
     blocks = {}
     for name in (kernels, "reference"):
         block = ConvNormReLU(8, 16, "agc")
         block[1].kernels = name
         nxt = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        blocks[name] = saved_bytes(torch.nn.Sequential(block, nxt), x)
+        blocks[name] = saved_bytes(torch.nn.Sequential(block, nxt).to(on(kernels)), x)
     # input of the first conv + its weight + the block output (shared with the next conv)
     inputs = x.numel() * 4 + 16 * 8 * 9 * 4 + 16 * 16 * 9 * 4
     assert blocks[kernels] - inputs < activation * 1.1  # the output, plus per-channel means
