@@ -16,9 +16,11 @@ endif
 .PHONY: install demo test lint clean reproduce-fig1 fig1-smoke bench
 
 # make reproduce-fig1 [DATA=cityscapes|camvid] [ARGS="epochs=30 ..."] [LAUNCHER=gpu_pool|basic|slurm]
+#                     [RUNS=outputs/$(DATA)] [RESULTS=results/$(DATA)]
 DATA ?= cityscapes
 ARGS ?=
 LAUNCHER ?= gpu_pool
+RUNS ?= outputs/$(DATA)
 RESULTS ?= results/$(DATA)
 # make fig1-smoke: the same pipeline on a tiny synthetic Cityscapes with narrow nets (model.width=16), on the CPU
 SMOKE_OUT ?= outputs/fig1-smoke
@@ -45,8 +47,8 @@ demo: $(SETUP)
 reproduce-fig1: $(SETUP)
 	$(PY) -m deepcontrol.data.prepare data=$(DATA) $(ARGS)
 	$(PY) -m deepcontrol.train --multirun experiment=fig1 data=$(DATA) $(ARGS) \
-		hydra/launcher=$(LAUNCHER)
-	$(PY) scripts/collect_results.py outputs/$(DATA) $(RESULTS)
+		hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(RUNS)
+	$(PY) scripts/collect_results.py $(RUNS) $(RESULTS)
 	$(PY) scripts/plot_fig1.py $(RESULTS) data=$(DATA) $(ARGS)
 
 fig1-smoke: $(SETUP)
