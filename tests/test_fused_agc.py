@@ -81,16 +81,16 @@ def test_a_channel_with_zero_gain_gets_no_gain_gradient_and_no_nan(kernels):
 
 
 @pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed")
-def test_triton_passes_take_any_memory_layout():
+def test_triton_backward_takes_any_memory_layout():
     generator, device = torch.Generator().manual_seed(5), on("triton")
     out = torch.randn(2, 6, 5, 7, generator=generator).relu().to(device)
     grad = torch.randn(2, 6, 7, 5, generator=generator).to(device).transpose(2, 3)  # not NHWC
+    sums = torch.randn(2, 6, generator=generator).to(device) * 35
     lam, gamma, beta = torch.randn(3, 6, generator=generator).to(device)
     triton, torch_ops = fused_agc.KERNELS["triton"], fused_agc.KERNELS["torch"]
-    gsums = [k.grad_sums(grad, out, beta) for k in (triton, torch_ops)]
-    inputs = [k.grad_input(grad, out, gsums[1], lam, gamma) for k in (triton, torch_ops)]
-    for got, want in (gsums, inputs):
-        assert relative_error(got, want) <= 1e-6
+    got, want = (k.backward(grad, out, sums, lam, gamma, beta) for k in (triton, torch_ops))
+    for name, g, w in zip(["grad y", "grad λ", "grad γ", "grad β"], got, want, strict=True):
+        assert relative_error(g, w) <= 1e-6, name
 
 
 def saved_bytes(module: torch.nn.Module, y: torch.Tensor) -> int:

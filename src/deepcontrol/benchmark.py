@@ -199,8 +199,8 @@ def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.de
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
         return low
-    except RuntimeError as error:
-        failure(error)
+    except RuntimeError as error:  # measure_step has logged the failing step's traceback
+        print(error, flush=True)
         return None
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)

@@ -14,8 +14,7 @@ reference, ``relu(AutoGainControl2d(y))``, keeps ``y - λm`` for γ's gradient: 
 activation-sized tensor per layer. Recovering ``y - λm`` divides by γ, so a channel whose γ
 is exactly 0 gets no γ gradient here; γ starts at 1.
 
-The function runs five passes: the sums of ``y``; eq. (1) and the ReLU; the sums of ``g``;
-``∂L/∂y``; the parameters' gradients. Two implementations of them exist: ``kernels="torch"``
+Two implementations of its forward and backward exist: ``kernels="torch"``
 (PyTorch ops, which ``torch.compile`` fuses) and ``kernels="triton"``
 (``deepcontrol.nn.triton_agc``, a kernel each, so that eager mode launches few). ``make bench``
 times both on the GPU (issue 4 asks for whichever measures faster).
@@ -39,51 +38,40 @@ def _rounded(dtype: torch.dtype, *params: Tensor) -> list[Tensor]:
     return [p.to(dtype).float() for p in params]
 
 
-def _torch_agc_relu(y: Tensor, sums: Tensor, mean_scale: Tensor, weight: Tensor,
-                    bias: Tensor) -> Tensor:  # fmt: skip
+def _torch_forward(y: Tensor, mean_scale: Tensor, weight: Tensor,
+                   bias: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    sums = y.sum(dim=(2, 3), dtype=torch.float32)
     lam, gamma, beta = (p.to(y.dtype) for p in (mean_scale, weight, bias))
     mean = (sums / (y.shape[2] * y.shape[3])).to(y.dtype)
     centred = y - (lam * mean)[:, :, None, None]  # eq. (1) in y's dtype, as the reference
-    return torch.relu(centred * gamma[:, None, None] + beta[:, None, None])
+    return torch.relu(centred * gamma[:, None, None] + beta[:, None, None]), sums
 
 
-def _torch_grad_sums(grad_out: Tensor, out: Tensor, bias: Tensor) -> Tensor:
+def _torch_backward(grad_out: Tensor, out: Tensor, sums: Tensor, mean_scale: Tensor,
+                    weight: Tensor, bias: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
+    lam, gamma, beta = _rounded(out.dtype, mean_scale, weight, bias)
+    positions = out.shape[2] * out.shape[3]
     # Float32 products and sums: bf16 sums over 128×256 positions would lose the gradient.
     g = grad_out.masked_fill(out <= 0, 0).float()
-    [beta] = _rounded(out.dtype, bias)
-    return torch.stack([g.sum(dim=(2, 3)), (g * (out.float() - beta[:, None, None])).sum((2, 3))])
-
-
-def _torch_grad_input(grad_out: Tensor, out: Tensor, gsums: Tensor, mean_scale: Tensor,
-                      weight: Tensor) -> Tensor:  # fmt: skip
-    lam, gamma = _rounded(out.dtype, mean_scale, weight)
-    shift = -gamma * lam * gsums[0] / (out.shape[2] * out.shape[3])
-    g = grad_out.masked_fill(out <= 0, 0).float()
-    return (g * gamma[:, None, None] + shift[:, :, None, None]).to(out.dtype)
-
-
-def _torch_param_grads(sums: Tensor, gsums: Tensor, mean_scale: Tensor, weight: Tensor,
-                       bias: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    [gamma] = _rounded(out.dtype, weight)
-    mean = (sums / (out.shape[2] * out.shape[3])).to(out.dtype).float()
+    g_sum = g.sum(dim=(2, 3))
+    g_centred = (g * (out.float() - beta[:, None, None])).sum(dim=(2, 3))
+    grad_y = g * gamma[:, None, None] - (gamma * lam * g_sum / positions)[:, :, None, None]
+    mean = (sums / positions).to(out.dtype).float()
     # 0 where γ is exactly 0, which leaves y - λm unrecoverable from out
-    grad_gamma = torch.where(gamma == 0, 0.0, gsums[1].sum(0) / torch.where(gamma == 0, 1.0, gamma))
+    grad_gamma = torch.where(
+        gamma == 0, 0.0, g_centred.sum(0) / torch.where(gamma == 0, 1.0, gamma)
+    )
     return (
-        (-gamma * (mean * gsums[0]).sum(0)).to(mean_scale.dtype),
+        grad_y.to(out.dtype),
+        (-gamma * (mean * g_sum).sum(0)).to(mean_scale.dtype),
         grad_gamma.to(weight.dtype),
-        gsums[0].sum(0).to(bias.dtype),
+        g_sum.sum(0).to(bias.dtype),
     )
 
 
-# The passes of the fused function, as PyTorch ops; deepcontrol.nn.triton_agc has the same
-# five functions as Triton kernels.
-TORCH_KERNELS = SimpleNamespace(
-    channel_sums=lambda y: y.sum(dim=(2, 3), dtype=torch.float32),
-    agc_relu=_torch_agc_relu,
-    grad_sums=_torch_grad_sums,
-    grad_input=_torch_grad_input,
-    param_grads=_torch_param_grads,
-)
+# The fused function's forward ((out, Σ_HW y)) and backward (∂L/∂y, ∂L/∂λ, ∂L/∂γ, ∂L/∂β) as
+# PyTorch ops; deepcontrol.nn.triton_agc has the same two as Triton kernels.
+TORCH_KERNELS = SimpleNamespace(forward=_torch_forward, backward=_torch_backward)
 KERNELS = {"torch": TORCH_KERNELS, "triton": triton_agc}
 # What AutoGainControl2d runs when training on CUDA. Pending issue 4's GPU measurement of both.
 DEFAULT_KERNELS = "triton" if triton_agc is not None else "torch"
@@ -106,9 +94,7 @@ class AGCReLUFunction(torch.autograd.Function):
         bias: torch.Tensor,
         kernels: str,
     ) -> torch.Tensor:
-        passes = KERNELS[kernels]
-        sums = passes.channel_sums(y)  # (N, C) float32
-        out = passes.agc_relu(y, sums, mean_scale, weight, bias)
+        out, sums = KERNELS[kernels].forward(y, mean_scale, weight, bias)
         ctx.kernels = kernels
         ctx.save_for_backward(out, sums, mean_scale, weight, bias)
         return out
@@ -118,11 +104,8 @@ class AGCReLUFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, None]:
         out, sums, mean_scale, weight, bias = ctx.saved_tensors
-        passes = KERNELS[ctx.kernels]
-        gsums = passes.grad_sums(grad_out, out, bias)  # (2, N, C): Σ g, Σ g·(out - β)
-        grad_y = passes.grad_input(grad_out, out, gsums, mean_scale, weight)
-        grads = passes.param_grads(sums, gsums, mean_scale, weight, bias, out)
-        return grad_y, *grads, None
+        grads = KERNELS[ctx.kernels].backward(grad_out, out, sums, mean_scale, weight, bias)
+        return *grads, None
 
 
 def agc_relu(

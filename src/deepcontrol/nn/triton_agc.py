@@ -205,43 +205,32 @@ def _sums(a: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None) 
     return partial.sum(1)
 
 
-def channel_sums(y: torch.Tensor) -> torch.Tensor:
-    """``Σ_HW y`` as an (N, C) float32 tensor."""
-    return _sums(_dense(y), None, None)[0]
-
-
-def agc_relu(
-    y: torch.Tensor,
-    sums: torch.Tensor,
-    mean_scale: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-) -> torch.Tensor:
-    """``relu((y - λ·mean_HW(y))·γ + β)`` from ``sums = Σ_HW y``, in ``y``'s dtype and layout."""
+def forward(
+    y: torch.Tensor, mean_scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``relu((y - λ·mean_HW(y))·γ + β)`` in ``y``'s dtype and layout, and ``Σ_HW y`` (N, C)."""
     y = _dense(y)
+    sums = _sums(y, None, None)[0]
     out = torch.empty_like(y)
     grid, block_hw, block_c = _tiles(y)
     _agc_relu_kernel[grid](
         y, out, sums, mean_scale, weight, bias, y.shape[1], y.shape[2] * y.shape[3],
         *_strides(y), *_strides(out), BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
     )  # fmt: skip
-    return out
+    return out, sums
 
 
-def grad_sums(grad_out: torch.Tensor, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``[Σ_HW g, Σ_HW g·(out - β)]``, (2, N, C) float32, with ``g = ∂L/∂out·[out > 0]``."""
-    return _sums(_dense(grad_out), out, bias)
-
-
-def grad_input(
+def backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,
-    gsums: torch.Tensor,
+    sums: torch.Tensor,
     mean_scale: torch.Tensor,
     weight: torch.Tensor,
-) -> torch.Tensor:
-    """``∂L/∂y`` in ``out``'s dtype and layout; ``gsums`` is what ``grad_sums`` returned."""
+    bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``∂L/∂y`` (in ``out``'s dtype and layout), then λ, γ and β's gradients."""
     grad_out = _dense(grad_out)
+    gsums = _sums(grad_out, out, bias)  # [Σ_HW g, Σ_HW g·(out - β)] with g = ∂L/∂out·[out > 0]
     grad_y = torch.empty_like(out)
     grid, block_hw, block_c = _tiles(out)
     _agc_relu_grad_kernel[grid](
@@ -249,22 +238,10 @@ def grad_input(
         out.shape[2] * out.shape[3], *_strides(grad_out), *_strides(out), *_strides(grad_y),
         BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
     )  # fmt: skip
-    return grad_y
-
-
-def param_grads(
-    sums: torch.Tensor,
-    gsums: torch.Tensor,
-    mean_scale: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    out: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of λ, γ and β, each in its parameter's dtype."""
     n, c = sums.shape
     grads = [torch.empty_like(p) for p in (mean_scale, weight, bias)]
     block_c = min(256, 1 << (c - 1).bit_length())
     _param_grads_kernel[(_cdiv(c, block_c),)](
         sums, gsums, weight, *grads, out, n, c, out.shape[2] * out.shape[3], BLOCK_C=block_c,
     )  # fmt: skip
-    return grads[0], grads[1], grads[2]
+    return grad_y, grads[0], grads[1], grads[2]
