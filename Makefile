@@ -59,9 +59,10 @@ fig1-smoke: $(SETUP)
 
 # Training-step speed and memory per norm, batch, precision and mode: results/benchmark.md
 # (the full grid needs a CUDA GPU; on a CPU a reduced grid checks the code).
+# BENCH_ARGS passes options on, e.g. BENCH_ARGS="--time-limit 420" within a job's limit.
 BENCH_OUT ?= results
 bench: $(SETUP)
-	$(PY) scripts/benchmark.py --out $(BENCH_OUT)
+	$(PY) scripts/benchmark.py --out $(BENCH_OUT) $(BENCH_ARGS)
 
 test: $(SETUP)
 	WANDB_MODE=disabled $(PY) -m pytest -q

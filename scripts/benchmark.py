@@ -5,7 +5,9 @@ python scripts/benchmark.py [--out results] [--reduced] [--precisions ...] [--mo
     and fp32 in eager mode; compiled and CUDA-graphed at batches 1 and 8 in bf16 (about a minute of
     compiling each); the largest batch under 12 GiB; the training loop against the bare
     step; the issue's targets and Figure 1's GPU-hours. Without a GPU (or with --reduced) a
-    small grid on the CPU. Writes OUT/benchmark.md and OUT/benchmark.json.
+    small grid on the CPU. Writes OUT/benchmark.md and OUT/benchmark.json. With
+    --time-limit, nothing new starts after that many seconds; the report says what is left,
+    and the same command goes on from it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", help="a subset of eager compile cudagraphs")
     parser.add_argument("--no-cap", action="store_true", help="skip the memory-cap search")
     parser.add_argument("--fresh", action="store_true", help="ignore an unfinished saved run")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="start nothing new after this; the report lists what is left")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config.reduced() if args.reduced or device.type == "cpu" else Config()
@@ -37,6 +41,7 @@ def main() -> None:
         cfg.modes = tuple(args.modes)
     if args.no_cap:
         cfg.memory_cap_gib = None
+    cfg.time_limit_s = args.time_limit
     if device.type == "cpu":
         print("no CUDA GPU: running the reduced grid on the CPU (code paths, not the targets)")
     saved = args.out / "benchmark.json"

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,12 +63,12 @@ def test_targets_are_judged_from_the_measured_ratios():
     assert verdicts["training loop / bare step, agc, batch 8"] == (0.95, True)
     # 12 runs of 150 epochs: at 10 ms a step for every batch size
     flat = {(n, b, "eager"): 10.0 for n in ("bn", "agc") for b in (1, 4, 8)}
-    hours = figure1_cost(fake_report(flat, {}))["gpu_hours"]
+    hours = figure1_cost(fake_report(flat, {}), "bf16")["gpu_hours"]
     steps = sum(runs * 150 * (math.ceil(2975 / b) + 500 / b / 3) for b, runs in
                 ((1, 2), (4, 4), (8, 6)))  # fmt: skip
     assert hours == pytest.approx(steps * 0.01 / 3600)
     del flat[("agc", 4, "eager")]  # a step that failed: no cost rather than a wrong one
-    assert figure1_cost(fake_report(flat, {})) is None
+    assert figure1_cost(fake_report(flat, {}), "bf16") is None
 
 
 def test_compiled_modes_run_only_where_the_targets_look():
@@ -148,3 +149,18 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
         del measured[:]
         run_benchmark(cfg, torch.device("cpu"), previous=previous)
         assert len(measured) == 6  # 4 step timings and the loop's 2 bare steps
+
+
+def test_past_the_time_limit_nothing_new_starts_and_a_rerun_goes_on(tmp_path):
+    cfg = Config(height=32, width=64, batches=(1,), norms=("agc", "none"),
+                 precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
+                 memory_cap_gib=None, loop_steps=2, time_limit_s=0)  # fmt: skip
+    report = run_benchmark(cfg, torch.device("cpu"))
+    assert report["steps"] == [] and report["loop"] == [] and not report["complete"]
+    assert report["unmeasured"] == ["agc 1 fp32 eager", "none 1 fp32 eager",
+                                    "the training-loop check"]  # fmt: skip
+    write_report(report, tmp_path, "pytest")
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "Not measured, the time limit (0 s) having passed: agc 1 fp32 eager;" in text
+    done = run_benchmark(replace(cfg, time_limit_s=None), torch.device("cpu"), previous=report)
+    assert done["complete"] and done["unmeasured"] == [] and len(done["steps"]) == 2

@@ -81,6 +81,9 @@ class Config:
     steps: int = 30
     memory_cap_gib: float | None = 12.0  # the paper's TitanX
     loop_steps: int = 200
+    # Seconds after which no new measurement starts (a job's or a lease's time limit): the
+    # report is still written, lists what went unmeasured, and a rerun goes on from it.
+    time_limit_s: float | None = None
 
     def settings(self) -> list[Setting]:
         """Every (precision, mode, batch, norm) to time, compiled ones only where asked."""
@@ -148,6 +151,9 @@ def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
         model = build(setting.norm, device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         mode = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
+        if setting.mode != "eager":
+            torch._dynamo.reset()  # compile afresh: another setting's graphs and guards
+            # would make its shapes dynamic and count against the recompile limit
         step_model = compile_model(model, mode[setting.mode])
         images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -294,17 +300,29 @@ def run_benchmark(
     """Every step timing of ``cfg``, the memory-cap search and the loop efficiency.
 
     Measurements in ``previous`` (see :func:`reusable`) are kept, not taken again; ``save``
-    gets the report after each new measurement, marked ``complete: False`` until the end."""
+    gets the report after each new measurement, marked ``complete: False`` until the end.
+    Past ``cfg.time_limit_s`` nothing new starts: the report lists it under ``unmeasured``
+    and stays ``complete: False``."""
     torch.backends.cudnn.benchmark = True  # as training does (train.cudnn_benchmark)
+    limit = math.inf if cfg.time_limit_s is None else cfg.time_limit_s
+    deadline = time.monotonic() + limit
     old = reusable(previous, cfg, device) or {}
     taken = {_key(r): r for r in old.get("steps", [])}
     report = {"environment": environment(device), "config": asdict(cfg), "steps": [],
-              "reused_steps": 0, "complete": False}  # fmt: skip
+              "reused_steps": 0, "unmeasured": [], "complete": False}  # fmt: skip
     progress = save or (lambda report: None)
+
+    def in_time(what: str) -> bool:
+        if time.monotonic() < deadline:
+            return True
+        report["unmeasured"].append(what)
+        return False
 
     def measure(settings: list[Setting]) -> None:
         for setting in settings:
             saved = taken.get(_key(asdict(setting)))
+            if not saved and not in_time(" ".join(map(str, _key(asdict(setting))))):
+                continue
             if saved:
                 row = saved
                 report["reused_steps"] += 1
@@ -318,30 +336,38 @@ def run_benchmark(
             report["steps"].append(row)
             progress(report)
 
-    # What the targets read comes first (the first precision at the compiled batches, then
-    # the memory cap and the loop), the rest of the grid last: a run cut short keeps them.
+    # What the targets and Figure 1's cost read comes first, cheapest first (eager steps at
+    # Figure 1's batches, the memory cap, the loop, then the minute-long compiles), the rest
+    # of the grid last: a run cut short keeps them.
     grid = cfg.settings()
-    first = [
-        s for s in grid if s.precision == cfg.precisions[0] and s.batch in cfg.compiled_batches
-    ]
+    figure1_batches = {batch for batch, _ in FIG1_RUNS}
+    first = [s for s in grid if s.precision == cfg.precisions[0] and s.mode == "eager"
+             and s.batch in figure1_batches]  # fmt: skip
+    compiled = [s for s in grid if s.precision == cfg.precisions[0] and s.mode != "eager"]
     measure(first)
     if cfg.memory_cap_gib and device.type == "cuda":
-        report["max_batch_under_cap"] = old.get("max_batch_under_cap") or {
-            norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
-            for norm in ("bn", "agc")
-        }
-        progress(report)
+        cap = old.get("max_batch_under_cap")
+        if cap or in_time("the memory-cap search"):
+            report["max_batch_under_cap"] = cap or {
+                norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
+                for norm in ("bn", "agc")
+            }
+            progress(report)
     batch = 8 if 8 in cfg.batches else cfg.batches[-1]
-    report["loop"] = old.get("loop") or [
-        loop_efficiency(norm, batch, cfg.precisions[0], cfg, device) for norm in ("bn", "agc")
-    ]
-    progress(report)
-    measure([s for s in grid if s not in first])
+    report["loop"] = old.get("loop") or []
+    if not report["loop"] and in_time("the training-loop check"):
+        report["loop"] = [loop_efficiency(norm, batch, cfg.precisions[0], cfg, device)
+                          for norm in ("bn", "agc")]  # fmt: skip
+        progress(report)
+    measure(compiled)
+    measure([s for s in grid if s not in first and s not in compiled])
     order = {_key(asdict(s)): i for i, s in enumerate(grid)}
     report["steps"].sort(key=lambda row: order[_key(row)])
     report["targets"] = targets(report) if device.type == "cuda" else []
-    report["figure1_cost"] = figure1_cost(report) if device.type == "cuda" else None
-    report["complete"] = True
+    report["figure1_cost"] = [
+        cost for precision in cfg.precisions if (cost := figure1_cost(report, precision))
+    ] if device.type == "cuda" else []  # fmt: skip
+    report["complete"] = not report["unmeasured"]
     return report
 
 
@@ -424,17 +450,17 @@ def targets(report: dict) -> list[dict]:
     return out
 
 
-def figure1_cost(report: dict) -> dict | None:
-    """H100-hours for Figure 1's 12 runs from the measured best AGC/BN step times.
+def figure1_cost(report: dict, precision: str) -> dict | None:
+    """GPU-hours for Figure 1's 12 runs in ``precision``, from the measured best AGC/BN step
+    times (the slower of the two per batch); None if a step time it needs is missing.
 
     Each run: 150 epochs of 2975 training images at its batch, plus 500 validation images
     per epoch (forward only, counted as a third of a training step per image). ClassNet's runs
     (batch 4) are costed at SegNet's speed, an upper bound since ClassNet has 6× fewer MACs."""
-    precision = report["config"]["precisions"][0]
     hours = 0.0
     for batch, runs in FIG1_RUNS:
         rows = [_best(report, norm, batch, precision, MODES) for norm in ("bn", "agc")]
-        if None in rows:  # a step it needs failed
+        if None in rows:  # a step it needs failed or went unmeasured
             return None
         step = max(row["ms_per_step"] for row in rows)
         steps = FIG1_EPOCHS * (math.ceil(FIG1_TRAIN / batch) + FIG1_VAL / batch / 3)
@@ -485,10 +511,13 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
                          f"{'yes' if t['met'] else 'no'} |")  # fmt: skip
     else:
         lines += ["", "Targets: not assessed, no CUDA GPU (a reduced CPU run)."]
-    if report["figure1_cost"]:
-        cost = report["figure1_cost"]
+    for cost in report["figure1_cost"]:
         hours = f"{cost['gpu_hours']:.2f} GPU-hours on this GPU (target ≤ 4 H100-hours)"
         lines += ["", f"Figure 1 ({cost['runs']} runs, {cost['precision']}): {hours}."]
-    elif report["targets"]:
-        lines += ["", "Figure 1's cost: not computed, a BN or AGC step time it needs failed."]
+    if report["targets"] and not report["figure1_cost"]:
+        lines += ["", "Figure 1's cost: not computed, a BN or AGC step time it needs is missing."]
+    if report["unmeasured"]:
+        lines += ["", f"Not measured, the time limit ({report['config']['time_limit_s']} s) "
+                  f"having passed: {'; '.join(report['unmeasured'])}. Running the same "
+                  "command again goes on from here."]  # fmt: skip
     write_atomic(out_dir / "benchmark.md", "\n".join(lines) + "\n")
