@@ -75,8 +75,9 @@ def test_compiled_modes_run_only_where_the_targets_look():
     settings = Config().settings()
     compiled = [s for s in settings if s.mode != "eager"]
     assert len(settings) - len(compiled) == 4 * 5 * 2  # eager: every batch, norm, precision
-    assert {(s.batch, s.precision) for s in compiled} == {(1, "bf16"), (8, "bf16")}
-    assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 6
+    assert {(s.batch, s.precision) for s in compiled} == {(1, "bf16"), (4, "bf16"), (8, "bf16")}
+    assert {s.norm for s in compiled} == {"bn", "agc", "agc-triton", "none"}
+    assert len(compiled) == 12
     assert {s.mode for s in compiled} == {"cudagraphs"}  # plain compile only on request
 
 
@@ -84,9 +85,10 @@ def test_agc_variants_run_the_kernels_they_name():
     kernels = {
         norm: {m.kernels for m in benchmark.build(norm, torch.device("cpu")).modules()
                if isinstance(m, AutoGainControl2d)}
-        for norm in ("agc", "agc-torch", "agc-naive")
+        for norm in ("agc", "agc-torch", "agc-triton", "agc-naive")
     }  # fmt: skip
-    assert kernels == {"agc": {"auto"}, "agc-torch": {"torch"}, "agc-naive": {"reference"}}
+    assert kernels == {"agc": {"auto"}, "agc-torch": {"torch"}, "agc-triton": {"triton"},
+                       "agc-naive": {"reference"}}  # fmt: skip
 
 
 def test_a_failing_setting_is_recorded_and_the_others_still_run(monkeypatch):

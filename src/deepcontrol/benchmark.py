@@ -29,15 +29,16 @@ from deepcontrol.engine import autocast, train_one_epoch
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import SegNet
 from deepcontrol.nn import AutoGainControl2d
-from deepcontrol.nn.fused_agc import DEFAULT_KERNELS
+from deepcontrol.nn.fused_agc import COMPILED_KERNELS, DEFAULT_KERNELS
 from deepcontrol.train import compile_model, use_channels_last
 
 # AGC's implementations (AutoGainControl2d's ``kernels``): "agc" is what training runs, the
-# fused function over DEFAULT_KERNELS; "agc-torch" the same function over PyTorch ops, its
-# alternative; "agc-naive" the reference AGC and a separate ReLU, as a plain PyTorch user
-# would write it.
-AGC_KERNELS = {"agc": "auto", "agc-torch": "torch", "agc-naive": "reference"}
-NORMS = ("bn", *AGC_KERNELS, "none")
+# fused function over the kernels ``auto`` picks (Triton in eager mode, PyTorch ops when
+# compiled); "agc-torch" and "agc-triton" force one of them, to time the alternative in each
+# mode; "agc-naive" is the reference AGC and a separate ReLU, as a plain PyTorch user would
+# write it.
+AGC_KERNELS = {"agc": "auto", "agc-torch": "torch", "agc-triton": "triton",
+               "agc-naive": "reference"}  # fmt: skip
 MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="reduce-overhead")
 # Figure 1's runs: (network, batch) per run, 150 epochs of 2975 images + 500 validation each.
 FIG1_RUNS = ((1, 2), (4, 4), (8, 6))  # (batch, how many runs): 12 runs in all
@@ -68,14 +69,16 @@ class Config:
     height: int = 256
     width: int = 512
     batches: tuple[int, ...] = (1, 4, 8, 16)
-    norms: tuple[str, ...] = NORMS
+    # In eager mode "agc" is "agc-triton"; compiled, it is "agc-torch": each mode times the
+    # other one as its alternative.
+    norms: tuple[str, ...] = ("bn", "agc", "agc-torch", "agc-naive", "none")
     precisions: tuple[str, ...] = ("bf16", "fp32")
-    # Compiling takes about a minute a setting, so compiled modes run only where the
-    # targets look (batches 1 and 8, bf16), and only CUDA graphs by default: they are
-    # torch.compile plus graph replay, which the batch-1 target needs ("compile" on request).
+    # Compiling takes 20 s to a minute a setting, so compiled modes run only where the
+    # targets and Figure 1's cost look (batches 1, 4 and 8, bf16), and only CUDA graphs by
+    # default: torch.compile plus graph replay, which batch 1 needs ("compile" on request).
     modes: tuple[str, ...] = ("eager", "cudagraphs")
-    compiled_batches: tuple[int, ...] = (1, 8)
-    compiled_norms: tuple[str, ...] = ("bn", "agc", "none")
+    compiled_batches: tuple[int, ...] = (1, 4, 8)
+    compiled_norms: tuple[str, ...] = ("bn", "agc", "agc-triton", "none")
     compiled_precisions: tuple[str, ...] = ("bf16",)
     warmup: int = 10
     steps: int = 30
@@ -91,17 +94,11 @@ class Config:
         for precision in self.precisions:
             for mode in self.modes:
                 for batch in self.batches:
-                    for norm in self.norms:
-                        if mode == "eager" or self._compiles(norm, batch, precision):
-                            out.append(Setting(norm, batch, precision, mode))
+                    if mode == "eager":
+                        out += [Setting(norm, batch, precision, mode) for norm in self.norms]
+                    elif batch in self.compiled_batches and precision in self.compiled_precisions:
+                        out += [Setting(n, batch, precision, mode) for n in self.compiled_norms]
         return out
-
-    def _compiles(self, norm: str, batch: int, precision: str) -> bool:
-        return (
-            batch in self.compiled_batches
-            and norm in self.compiled_norms
-            and precision in self.compiled_precisions
-        )
 
     @classmethod
     def reduced(cls) -> Config:
@@ -158,9 +155,6 @@ def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
         images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
         images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
 
         def step() -> None:
             with autocast(device, setting.precision):
@@ -169,8 +163,12 @@ def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
             loss.backward()
             optimizer.step()
 
-        times = [milliseconds(step, device) for _ in range(cfg.warmup + cfg.steps)]
-        result.ms_per_step = statistics.median(times[cfg.warmup :])
+        for _ in range(cfg.warmup):
+            step()
+        if device.type == "cuda":  # peak over the timed steps: not cuDNN's one-off search
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        result.ms_per_step = statistics.median(milliseconds(step, device) for _ in range(cfg.steps))
         if device.type == "cuda":
             result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
     except torch.OutOfMemoryError:
@@ -188,6 +186,8 @@ def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.de
     ``cfg.memory_cap_gib``, as ``torch.cuda.set_per_process_memory_fraction`` enforces it;
     None if a step failed for another reason than memory."""
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    index = torch.cuda.current_device() if device.index is None else device.index
+    device = torch.device("cuda", index)  # the fraction wants an index, not plain "cuda"
     torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gib / total), device)
     small = replace(cfg, warmup=1, steps=1)
 
@@ -256,7 +256,7 @@ def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
 def environment(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(),
             "device": str(device), "cpu": platform.processor() or platform.machine(),
-            "agc_kernels": DEFAULT_KERNELS}  # fmt: skip
+            "agc_kernels": f"{DEFAULT_KERNELS} eager, {COMPILED_KERNELS} compiled"}  # fmt: skip
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -343,7 +343,10 @@ def run_benchmark(
     figure1_batches = {batch for batch, _ in FIG1_RUNS}
     first = [s for s in grid if s.precision == cfg.precisions[0] and s.mode == "eager"
              and s.batch in figure1_batches]  # fmt: skip
-    compiled = [s for s in grid if s.precision == cfg.precisions[0] and s.mode != "eager"]
+    compiled = sorted(  # the targets' batches before Figure 1's other one
+        (s for s in grid if s.precision == cfg.precisions[0] and s.mode != "eager"),
+        key=lambda s: s.batch not in (1, 8),
+    )
     measure(first)
     if cfg.memory_cap_gib and device.type == "cuda":
         cap = old.get("max_batch_under_cap")
@@ -482,7 +485,8 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              f"Input {report['config']['height']}×{report['config']['width']}, full SGD step, "
              f"median of {report['config']['steps']} steps after {report['config']['warmup']} "
-             "warm-up steps. Peak memory is torch.cuda.max_memory_allocated.", "",
+             "warm-up steps. Peak memory is torch.cuda.max_memory_allocated over the timed "
+             "steps (after the warm-up, so not cuDNN's one-off algorithm search).", "",
              *([f"{report['reused_steps']} of {len(report['steps'])} step timings were taken by "
                 "an earlier, interrupted invocation on the same device and software.", ""]
                if report["reused_steps"] else []),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepcontrol.nn.fused_agc import DEFAULT_KERNELS, KERNELS, agc_relu
+from deepcontrol.nn.fused_agc import KERNELS, agc_relu, auto_kernels
 
 
 class AutoGainControl2d(nn.Module):
@@ -24,9 +24,9 @@ class AutoGainControl2d(nn.Module):
     Under autocast it casts its parameters to the activation's dtype rather than
     up-casting the activation. With ``relu=True`` the layer also applies the ReLU that
     follows it, and ``kernels`` picks how: ``"auto"`` runs the fused ``agc_relu``, which saves
-    no activation of its own, when training on CUDA, and this readable reference elsewhere;
-    ``"reference"``, ``"torch"`` or ``"triton"`` force one (``deepcontrol.nn.fused_agc``). All
-    compute the same values.
+    no activation of its own, when training on CUDA (``fused_agc.auto_kernels``), and this
+    readable reference elsewhere; ``"reference"``, ``"torch"`` or ``"triton"`` force one
+    (``deepcontrol.nn.fused_agc``). All compute the same values.
     """
 
     def __init__(
@@ -56,7 +56,7 @@ class AutoGainControl2d(nn.Module):
             )
         kernels = self.kernels
         if kernels == "auto":
-            kernels = DEFAULT_KERNELS if y.is_cuda and torch.is_grad_enabled() else "reference"
+            kernels = auto_kernels(y)
         if self.relu and kernels != "reference":
             return agc_relu(y, self.mean_scale, self.weight, self.bias, kernels)
         shape = (1, self.num_channels, 1, 1)

@@ -12,7 +12,10 @@ its input, and the per-(sample, channel) sums of ``y``. With ``g = ∂L/∂out �
 This is what In-Place Activated BatchNorm (Rota Bulò et al., 2018) does for BN. The eager
 reference, ``relu(AutoGainControl2d(y))``, keeps ``y - λm`` for γ's gradient: one more
 activation-sized tensor per layer. Recovering ``y - λm`` divides by γ, so a channel whose γ
-is exactly 0 gets no γ gradient here; γ starts at 1.
+is exactly 0 gets no γ gradient here; γ starts at 1. In bf16 ``out`` keeps y - λm only to
+within β's rounding over γ, so a channel with |γ| ≪ |β| gets a poor γ gradient (against the
+reference, with β = 0.6: 0.4% error at γ = 1, 2% at 0.1, 88% at 0.001; the other gradients
+stay within 1%). In float32, the paper's setting, the same effect is 2^16 times smaller.
 
 Two implementations of its forward and backward exist: ``kernels="torch"``
 (PyTorch ops, which ``torch.compile`` fuses) and ``kernels="triton"``
@@ -73,8 +76,21 @@ def _torch_backward(grad_out: Tensor, out: Tensor, sums: Tensor, mean_scale: Ten
 # PyTorch ops; deepcontrol.nn.triton_agc has the same two as Triton kernels.
 TORCH_KERNELS = SimpleNamespace(forward=_torch_forward, backward=_torch_backward)
 KERNELS = {"torch": TORCH_KERNELS, "triton": triton_agc}
-# What AutoGainControl2d runs when training on CUDA. Pending issue 4's GPU measurement of both.
+# What AutoGainControl2d(kernels="auto") runs when training on CUDA: in eager mode the Triton
+# kernels, which launch few; under torch.compile the PyTorch ops, which inductor can fuse with
+# the ops around them, while a Triton kernel of our own stays opaque to it. make bench times
+# both in both modes (rows agc, agc-torch and agc-triton of results/benchmark.md).
 DEFAULT_KERNELS = "triton" if triton_agc is not None else "torch"
+COMPILED_KERNELS = "torch"
+
+
+def auto_kernels(y: Tensor) -> str:
+    """The implementation ``kernels="auto"`` picks for activations ``y``: fused when training
+    on CUDA (``DEFAULT_KERNELS``, or ``COMPILED_KERNELS`` inside torch.compile), else the
+    reference."""
+    if not (y.is_cuda and torch.is_grad_enabled()):
+        return "reference"
+    return COMPILED_KERNELS if torch.compiler.is_compiling() else DEFAULT_KERNELS
 
 
 class AGCReLUFunction(torch.autograd.Function):
