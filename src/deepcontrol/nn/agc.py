@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepcontrol.nn.fused_agc import KERNELS, agc_relu, auto_kernels
+from deepcontrol.nn.fused_agc import agc_relu, triton_agc
 
 
 class AutoGainControl2d(nn.Module):
@@ -23,10 +23,10 @@ class AutoGainControl2d(nn.Module):
 
     Under autocast it casts its parameters to the activation's dtype rather than
     up-casting the activation. With ``relu=True`` the layer also applies the ReLU that
-    follows it, and ``kernels`` picks how: ``"auto"`` runs the fused ``agc_relu``, which saves
-    no activation of its own, when training on CUDA (``fused_agc.auto_kernels``), and this
-    readable reference elsewhere; ``"reference"``, ``"torch"`` or ``"triton"`` force one
-    (``deepcontrol.nn.fused_agc``). All compute the same values.
+    follows it, and ``kernels`` picks how: ``"auto"`` runs the fused ``agc_relu`` (Triton
+    kernels, ``deepcontrol.nn.fused_agc``), which saves no activation of its own, when
+    training on CUDA, and this readable reference elsewhere; ``"reference"`` or ``"triton"``
+    force one. Both compute the same values.
     """
 
     def __init__(
@@ -40,7 +40,7 @@ class AutoGainControl2d(nn.Module):
         self.num_channels = num_channels
         self.mean_scale_init = mean_scale_init
         self.relu = relu
-        choices = ("auto", "reference", *KERNELS)
+        choices = ("auto", "reference", "triton")
         if kernels not in choices:
             raise ValueError(f"AGC kernels must be one of {', '.join(choices)}, got {kernels!r}")
         self.kernels = kernels
@@ -56,9 +56,10 @@ class AutoGainControl2d(nn.Module):
             )
         kernels = self.kernels
         if kernels == "auto":
-            kernels = auto_kernels(y)
-        if self.relu and kernels != "reference":
-            return agc_relu(y, self.mean_scale, self.weight, self.bias, kernels)
+            training_on_cuda = y.is_cuda and torch.is_grad_enabled()
+            kernels = "triton" if training_on_cuda and triton_agc is not None else "reference"
+        if self.relu and kernels == "triton":
+            return agc_relu(y, self.mean_scale, self.weight, self.bias)
         shape = (1, self.num_channels, 1, 1)
         mean_scale = self.mean_scale.to(y.dtype).view(shape)
         weight = self.weight.to(y.dtype).view(shape)

@@ -1,4 +1,4 @@
-"""Triton kernels for the fused AGC+ReLU (``deepcontrol.nn.fused_agc``, ``kernels="triton"``).
+"""Triton kernels for the fused AGC+ReLU (``deepcontrol.nn.fused_agc``).
 
 Four passes over activation-sized memory per layer and step, the fewest the fused function
 allows: forward, one read of ``y`` for the sums and one read of ``y`` and write of ``out``;
