@@ -30,8 +30,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", help="a subset of eager compile cudagraphs")
     parser.add_argument("--no-cap", action="store_true", help="skip the memory-cap search")
     parser.add_argument("--fresh", action="store_true", help="ignore an unfinished saved run")
-    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
-                        help="start nothing new after this; the report lists what is left")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start nothing new after this; the report lists what is left",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config.reduced() if args.reduced or device.type == "cpu" else Config()
