@@ -8,6 +8,9 @@ python scripts/benchmark.py [--out results] [--reduced] [--precisions ...] [--mo
     Without a GPU (or with --reduced) a small grid on the CPU. Writes OUT/benchmark.md and
     OUT/benchmark.json. With --time-limit, nothing new starts after that many seconds; the
     report says what is left, and the same command goes on from it.
+
+python scripts/benchmark.py --profile agc 8 bf16 cudagraphs
+    Where that setting's step time goes, by op and kernel (torch.profiler); measures nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from deepcontrol.benchmark import Config, run_benchmark, save_json, write_report
+from deepcontrol.benchmark import (
+    Config,
+    Setting,
+    profile_step,
+    run_benchmark,
+    save_json,
+    write_report,
+)
 
 
 def main() -> None:
@@ -30,6 +40,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", help="a subset of eager compile cudagraphs")
     parser.add_argument("--no-cap", action="store_true", help="skip the memory-cap search")
     parser.add_argument("--fresh", action="store_true", help="ignore an unfinished saved run")
+    parser.add_argument(
+        "--profile",
+        nargs=4,
+        metavar=("NORM", "BATCH", "PRECISION", "MODE"),
+        help="print where one setting's step time goes (torch.profiler), and measure nothing",
+    )
     parser.add_argument(
         "--time-limit",
         type=float,
@@ -46,6 +62,10 @@ def main() -> None:
     if args.no_cap:
         cfg.memory_cap_gib = None
     cfg.time_limit_s = args.time_limit
+    if args.profile:
+        norm, batch, precision, mode = args.profile
+        print(profile_step(Setting(norm, int(batch), precision, mode), cfg, device))
+        return
     if device.type == "cpu":
         print("no CUDA GPU: running the reduced grid on the CPU (code paths, not the targets)")
     saved = args.out / "benchmark.json"

@@ -163,3 +163,10 @@ def test_past_the_time_limit_nothing_new_starts_and_a_rerun_goes_on(tmp_path):
     assert "Not measured, the time limit (0 s) having passed: agc 1 fp32 eager;" in text
     done = run_benchmark(replace(cfg, time_limit_s=None), torch.device("cpu"), previous=report)
     assert done["complete"] and done["unmeasured"] == [] and len(done["steps"]) == 2
+
+
+def test_profile_says_where_a_step_spends_its_time():
+    cfg = Config(height=32, width=64, warmup=1, steps=2)
+    table = benchmark.profile_step(benchmark.Setting("agc", 1, "fp32", "eager"), cfg,
+                                   torch.device("cpu"))  # fmt: skip
+    assert "aten::convolution" in table and "Self CPU" in table

@@ -135,29 +135,54 @@ def milliseconds(work: Callable[[], None], device: torch.device) -> float:
     return start.elapsed_time(end)
 
 
+def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
+    """One full SGD step of SegNet on fixed random data, as ``setting`` runs it."""
+    torch.manual_seed(0)
+    model = build(setting.norm, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    mode = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
+    if setting.mode != "eager":
+        torch._dynamo.reset()  # compile afresh: another setting's graphs and guards
+        # would make its shapes dynamic and count against the recompile limit
+    step_model = compile_model(model, mode[setting.mode])
+    images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
+
+    def step() -> None:
+        with autocast(device, setting.precision):
+            loss = pixel_cross_entropy(step_model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def profile_step(setting: Setting, cfg: Config, device: torch.device, rows: int = 25) -> str:
+    """Where one training step's time goes: torch.profiler's table of the ops and kernels of
+    ``cfg.steps`` steps after ``cfg.warmup``, the slowest first (device time on a GPU)."""
+    step = training_step(setting, cfg, device)
+    for _ in range(cfg.warmup):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(cfg.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=rows)
+
+
 def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
     """Median ms of one full SGD step, and peak memory, for ``setting``."""
     result = Result(**asdict(setting))
     try:
-        torch.manual_seed(0)
-        model = build(setting.norm, device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        mode = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
-        if setting.mode != "eager":
-            torch._dynamo.reset()  # compile afresh: another setting's graphs and guards
-            # would make its shapes dynamic and count against the recompile limit
-        step_model = compile_model(model, mode[setting.mode])
-        images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
-        images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
-
-        def step() -> None:
-            with autocast(device, setting.precision):
-                loss = pixel_cross_entropy(step_model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
+        step = training_step(setting, cfg, device)
         # Peak memory: eager, over the timed steps, leaving out cuDNN's one-off algorithm
         # search; CUDA graphs, from the start, since their memory is taken when recorded.
         graphs = setting.mode == "cudagraphs"
