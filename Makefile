@@ -45,7 +45,7 @@ demo: $(SETUP)
 # Every run of Figure 1 (each once; finished runs are skipped, unfinished ones resume), then
 # runs.csv, the figure, the λ figure and the table in $(RESULTS). The cache is checked first.
 reproduce-fig1: $(SETUP)
-	$(PY) -m deepcontrol.data.prepare data=$(DATA) $(ARGS)
+	$(PY) scripts/prepare_data.py data=$(DATA) $(ARGS)
 	$(PY) -m deepcontrol.train --multirun experiment=fig1 data=$(DATA) $(ARGS) \
 		hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(RUNS)
 	$(PY) scripts/collect_results.py $(RUNS) $(RESULTS)
