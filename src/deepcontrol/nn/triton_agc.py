@@ -38,6 +38,24 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _param(ptr, c, c_ok, dtype: tl.constexpr):
+    """The per-channel parameter at ``ptr`` (λ, γ or β) for channels ``c``, rounded to the
+    activations' ``dtype`` as eq. (1) uses it under autocast, in float32."""
+    return _rounded(tl.load(ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+
+
+@triton.jit
+def _tile(C, HW, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's sample ``n``, channels ``c`` and positions ``hw`` in the elementwise
+    kernels' (N, C blocks, HW blocks) grid, with the channel and tile masks."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = (tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
+    c_ok = c < C
+    return n, c, hw, c_ok, (hw < HW)[:, None] & c_ok[None, :]
+
+
+@triton.jit
 def _partial_sums_kernel(
     a_ptr, out_ptr, bias_ptr, partial_ptr,
     N, C, HW, rows,
@@ -54,8 +72,7 @@ def _partial_sums_kernel(
     total = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     dot = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     if GRAD:
-        beta = tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        beta = _rounded(beta, out_ptr.dtype.element_ty)[None, :]
+        beta = _param(bias_ptr, c, c_ok, out_ptr.dtype.element_ty)[None, :]
     first = chunk * rows
     for start in range(0, rows, BLOCK_HW):
         hw = (first + start + tl.arange(0, BLOCK_HW)).to(tl.int64)
@@ -83,16 +100,12 @@ def _agc_relu_kernel(
 ):  # fmt: skip
     """One tile of eq. (1) and the ReLU, ``relu((y - λ·mean)·γ + β)``, rounded to ``out``'s
     dtype after each operation as PyTorch computes the reference."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = (tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
-    c_ok = c < C
-    ok = (hw < HW)[:, None] & c_ok[None, :]
+    n, c, hw, c_ok, ok = _tile(C, HW, BLOCK_HW, BLOCK_C)
     dtype = out_ptr.dtype.element_ty
     mean = _rounded(tl.load(sums_ptr + n * C + c, mask=c_ok, other=0.0) / HW, dtype)
-    lam = _rounded(tl.load(lam_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
-    gamma = _rounded(tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
-    beta = _rounded(tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+    lam = _param(lam_ptr, c, c_ok, dtype)
+    gamma = _param(gamma_ptr, c, c_ok, dtype)
+    beta = _param(beta_ptr, c, c_ok, dtype)
     sub = _rounded(lam * mean, dtype)[None, :]
     y = tl.load(y_ptr + n * y_sn + hw[:, None] * y_shw + c[None, :] * y_sc, mask=ok, other=0.0)
     res = _rounded(_rounded(y.to(tl.float32) - sub, dtype) * gamma[None, :], dtype) + beta[None, :]
@@ -109,14 +122,10 @@ def _agc_relu_grad_kernel(
 ):  # fmt: skip
     """One tile of ``∂L/∂y = γ·g - γλ·mean_HW(g)`` with ``g = ∂L/∂out·[out > 0]``; ``gsums``
     holds ``Σ_HW g`` per (sample, channel)."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = (tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
-    c_ok = c < C
-    ok = (hw < HW)[:, None] & c_ok[None, :]
+    n, c, hw, c_ok, ok = _tile(C, HW, BLOCK_HW, BLOCK_C)
     dtype = grad_ptr.dtype.element_ty
-    lam = _rounded(tl.load(lam_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
-    gamma = _rounded(tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+    lam = _param(lam_ptr, c, c_ok, dtype)
+    gamma = _param(gamma_ptr, c, c_ok, dtype)
     g_sum = tl.load(gsums_ptr + n * C + c, mask=c_ok, other=0.0)
     shift = (-gamma * lam * g_sum / HW)[None, :]
     g = tl.load(g_ptr + n * g_sn + hw[:, None] * g_shw + c[None, :] * g_sc, mask=ok, other=0.0)
@@ -138,7 +147,7 @@ def _param_grads_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     dtype = out_ptr.dtype.element_ty
-    gamma = _rounded(tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(tl.float32), dtype)
+    gamma = _param(gamma_ptr, c, c_ok, dtype)
     g_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dot_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean_g_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
