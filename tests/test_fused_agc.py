@@ -58,6 +58,45 @@ def test_fused_matches_reference_forward_and_every_gradient(dtype, shape, layout
         assert relative_error(got, want) <= TOLERANCE[dtype], (name, relative_error(got, want))
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 64, 80, 81), (18, 3, 5, 7)],
+    ids=["more chunks than one finishing load", "more samples than one finishing load"],
+)
+def test_last_program_adds_every_chunk_and_sample(shape):
+    """A reduction's last program adds the chunks' partial sums FINISH at a time, and the
+    backward's last sample adds the samples BLOCK_N at a time: both loops run here."""
+    from deepcontrol.nn import triton_agc
+
+    n, c, h, w = shape
+    block_hw, block_c = triton_agc._blocks(c)
+    assert n > 16 or -(-h * w // block_hw) > 64  # FINISH and BLOCK_N of _sums
+    generator = torch.Generator().manual_seed(8)
+    y = (torch.randn(shape, generator=generator) + 0.3).to(DEVICE)
+    upstream = torch.randn(shape, generator=generator).to(DEVICE)
+    y = y.contiguous(memory_format=torch.channels_last)
+    fused = forward_backward("triton", y, upstream)
+    reference = forward_backward("reference", y, upstream)
+    for name, got, want in zip(["out", "y", "λ", "γ", "β"], fused, reference, strict=True):
+        assert relative_error(got, want) <= TOLERANCE[torch.float32], name
+
+
+def test_counters_are_zero_after_each_kernel():
+    """The forward's counters must be zero again for the backward, which reuses them."""
+    from deepcontrol.nn import triton_agc
+
+    generator = torch.Generator().manual_seed(9)
+    y = torch.randn(3, 5, 9, 40, generator=generator).to(DEVICE)
+    lam, gamma, beta = (torch.rand(3, 5, generator=generator) + 0.5).to(DEVICE)
+    out, sums, counts = triton_agc.forward(y, lam, gamma, beta)
+    assert counts.numel() == 3 * 1 + 1 and not counts.any()
+    grads = triton_agc.backward(torch.ones_like(out), out, sums, counts, lam, gamma, beta)
+    assert not counts.any()
+    again = triton_agc.backward(torch.ones_like(out), out, sums, counts, lam, gamma, beta)
+    for first, second in zip(grads, again, strict=True):
+        assert torch.equal(first, second)
+
+
 def test_a_channel_with_zero_gain_gets_no_gain_gradient_and_no_nan():
     generator = torch.Generator().manual_seed(6)
     y = torch.randn(2, 3, 6, 5, generator=generator).to(DEVICE)
@@ -106,7 +145,8 @@ def test_triton_backward_takes_any_memory_layout():
     grad = torch.randn(2, 6, 7, 5, generator=generator).to(DEVICE).transpose(2, 3)  # not NHWC
     sums = torch.randn(2, 6, generator=generator).to(DEVICE) * 35
     lam, gamma, beta = torch.randn(3, 6, generator=generator).to(DEVICE)
-    got, want = (fused_agc.triton_agc.backward(g, out, sums, lam, gamma, beta)
+    counts = fused_agc.triton_agc._counters(out)
+    got, want = (fused_agc.triton_agc.backward(g, out, sums, counts, lam, gamma, beta)
                  for g in (grad, grad.contiguous()))  # fmt: skip
     for name, g, w in zip(["grad y", "grad λ", "grad γ", "grad β"], got, want, strict=True):
         assert relative_error(g, w) <= 1e-6, name
@@ -175,6 +215,24 @@ def test_fused_matches_reference_on_cuda(dtype):
     reference = forward_backward("reference", y, upstream)
     for got, want in zip(fused, reference, strict=True):
         assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.cuda
+def test_fused_is_repeatable_bit_for_bit_on_cuda():
+    """Whichever program of a reduction finishes last adds the partial sums in the same
+    order, so repeated steps agree to the bit; a race on the counters would break this."""
+    generator = torch.Generator().manual_seed(10)
+    shape = (8, 64, 128, 256)  # 128 chunks per (sample, channel block)
+    y = (torch.randn(shape, generator=generator) + 0.3).to("cuda", torch.bfloat16)
+    upstream = torch.randn(shape, generator=generator).to("cuda", torch.bfloat16)
+    y = y.contiguous(memory_format=torch.channels_last)
+    first = forward_backward("triton", y, upstream)
+    for _ in range(5):
+        for got, want in zip(forward_backward("triton", y, upstream), first, strict=True):
+            assert torch.equal(got, want)
+    reference = forward_backward("reference", y, upstream)
+    for got, want in zip(first, reference, strict=True):
+        assert relative_error(got, want) <= TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.cuda

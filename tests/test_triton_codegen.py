@@ -4,7 +4,8 @@ The CPU tests run the kernels under Triton's interpreter, which checks their ari
 not Triton's GPU code generation. This compiles them ahead of time for sm_90, with the
 specialisation Triton's JIT gives a channels_last bf16 SegNet activation (unit channel
 stride, 16-divisible pointers and sizes), and reads the PTX and ptxas's report: it must
-compile, spill no register, and move data in 16-byte vectors. Run as a script (without
+compile, spill no register, and move data in 16-byte vectors; and torch.compile's analysis of
+the kernels must find what each one writes. Run as a script (without
 ``TRITON_INTERPRET``, which the test suite sets) it prints the report as JSON.
 """
 
@@ -15,10 +16,28 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 N, C, HW = 8, 64, 256 * 512  # SegNet's first layer at batch 8, channels_last
 STRIDES = {"sn": HW * C, "shw": C, "sc": 1}
-ACTIVATION_POINTERS = {"a_ptr", "out_ptr", "y_ptr", "g_ptr", "grad_ptr"}  # bf16; others fp32
+ACTIVATIONS = ("a_ptr", "out_ptr", "y_ptr", "g_ptr", "grad_ptr")
+POINTER_TYPES = dict.fromkeys(ACTIVATIONS, "*bf16") | {"counts_ptr": "*i32"}  # the rest fp32
+
+
+def written_arguments(kernel, arguments: dict) -> list[str]:
+    """The arguments torch.compile finds ``kernel`` writes, from its Triton IR for an sm_90
+    target. When that analysis fails, torch.compile treats every argument as written, and
+    copies each activation before the kernel runs."""
+    import triton
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    class Hopper:  # the target torch.compile asks the active driver for; no GPU needed
+        def get_current_target(self):
+            return triton.backends.compiler.GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(Hopper())
+    accessed = triton_kernel_wrap.identify_accessed_tensors(kernel, arguments, {})
+    return sorted(dep.name for dep in accessed.read_writes.writes)
 
 
 def compile_report() -> dict:
@@ -33,12 +52,12 @@ def compile_report() -> dict:
     for prefix in ("a_", "o_", "y_", "g_", "r_"):
         values |= {prefix + k: v for k, v in STRIDES.items()}
     tiles = {"BLOCK_HW": 64, "BLOCK_C": 64}
+    sums = tiles | {"BLOCK_N": 16, "FINISH": 64}
     kernels = {
-        "partial sums": (triton_agc._partial_sums_kernel, tiles | {"GRAD": False}),
-        "partial sums, grad": (triton_agc._partial_sums_kernel, tiles | {"GRAD": True}),
+        "sums": (triton_agc._sums_kernel, sums | {"GRAD": False}),
+        "sums, grad": (triton_agc._sums_kernel, sums | {"GRAD": True}),
         "agc relu": (triton_agc._agc_relu_kernel, tiles),
         "agc relu, grad": (triton_agc._agc_relu_grad_kernel, tiles),
-        "parameter grads": (triton_agc._param_grads_kernel, {"BLOCK_C": 64}),
     }  # fmt: skip
     report = {}
     for label, (kernel, constants) in kernels.items():
@@ -47,7 +66,7 @@ def compile_report() -> dict:
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
-                signature[name] = "*bf16" if name in ACTIVATION_POINTERS else "*fp32"
+                signature[name] = POINTER_TYPES.get(name, "*fp32")
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif values[name] == 1:  # Triton's JIT makes arguments equal to 1 constants
                 signature[name], constexprs[name] = "constexpr", 1
@@ -66,10 +85,19 @@ def compile_report() -> dict:
             capture_output=True, text=True, check=True,
         ).stderr  # fmt: skip
         ptx_file.unlink()
+        dtypes = {"*bf16": torch.bfloat16, "*fp32": torch.float32, "*i32": torch.int32}
+        arguments = {
+            name: torch.zeros(1, dtype=dtypes[kind])
+            if kind in dtypes
+            else constexprs.get(name, values.get(name))
+            for name, kind in signature.items()
+        }
         report[label] = {
+            "writes": written_arguments(kernel, arguments),
             "loads": sorted({line.split()[1] for line in ptx.splitlines() if "ld.global" in line}),
             "stores": sorted({line.split()[1] for line in ptx.splitlines()
                               if "st.global" in line}),
+            "atomics": sorted({line.split()[1] for line in ptx.splitlines() if "atom." in line}),
             "ptxas": " ".join(line.split(":", 1)[-1].strip()
                               for line in ptxas_info.splitlines() if "spill" in line),
         }  # fmt: skip
@@ -84,14 +112,25 @@ def test_kernels_compile_for_sm90_with_vector_loads_and_no_spills():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert len(report) == 5
+    assert len(report) == 4
     for kernel, found in report.items():
         assert "0 bytes spill stores, 0 bytes spill loads" in found["ptxas"], kernel
     # the passes over activations move 16 bytes (8 bf16) per load and store
-    for kernel in ("partial sums", "partial sums, grad", "agc relu", "agc relu, grad"):
+    for kernel in report:
         assert "ld.global.v4.b32" in report[kernel]["loads"], kernel
+    # a reduction's last program is found by an atomic that publishes the others' partial
+    # sums (release) and sees them (acquire), at GPU scope
+    for kernel in ("sums", "sums, grad"):
+        assert report[kernel]["atomics"] == ["atom.global.gpu.acq_rel.add.u32"], kernel
     for kernel in ("agc relu", "agc relu, grad"):
         assert report[kernel]["stores"] == ["st.global.v4.b32"], kernel
+    # torch.compile sees what each kernel writes, so copies nothing it only reads
+    sums_writes = ["counts_ptr", "partial_ptr", "sums_ptr"]
+    assert report["sums"]["writes"] == sums_writes
+    grads = ["grad_beta_ptr", "grad_gamma_ptr", "grad_lam_ptr"]
+    assert report["sums, grad"]["writes"] == sorted(sums_writes + grads)
+    assert report["agc relu"]["writes"] == ["out_ptr"]
+    assert report["agc relu, grad"]["writes"] == ["grad_ptr"]
 
 
 if __name__ == "__main__":

@@ -48,16 +48,16 @@ class AGCReLUFunction(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor,
     ) -> torch.Tensor:
-        out, sums = triton_agc.forward(y, mean_scale, weight, bias)
-        ctx.save_for_backward(out, sums, mean_scale, weight, bias)
+        out, sums, counts = triton_agc.forward(y, mean_scale, weight, bias)
+        ctx.save_for_backward(out, sums, counts, mean_scale, weight, bias)
         return out
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        out, sums, mean_scale, weight, bias = ctx.saved_tensors
-        return triton_agc.backward(grad_out, out, sums, mean_scale, weight, bias)
+        out, sums, counts, mean_scale, weight, bias = ctx.saved_tensors
+        return triton_agc.backward(grad_out, out, sums, counts, mean_scale, weight, bias)
 
 
 def agc_relu(

@@ -3,11 +3,14 @@
 Four passes over activation-sized memory per layer and step, the fewest the fused function
 allows: forward, one read of ``y`` for the sums and one read of ``y`` and write of ``out``;
 backward, one read of ``∂L/∂out`` and ``out`` for the sums and one more of both to write
-``∂L/∂y``. The per-(sample, channel) arithmetic (means, eq. (1)'s scale and shift, the
-parameters' gradients) happens inside the kernels too, so a layer launches three kernels
-and one small sum forward and four backward: in eager mode at batch 1, launches, not memory,
-bound the step. Sums and the backward are float32 whatever the activations' dtype; the
-forward rounds as PyTorch's eq. (1) does, so that both zero the same outputs.
+``∂L/∂y``. Each pass is one kernel, and the per-(sample, channel) arithmetic happens inside
+them: a reduction's chunks add up in the program that finishes last (a counter per sample
+and channel block says which), and in the backward the last sample to finish computes λ, γ
+and β's gradients. So a layer launches two kernels forward and two backward, plus one fill
+of its counters; in eager mode at batch 1 launches, not memory, bound the step. The last
+program adds the chunks in a fixed order, so results do not depend on which one it is.
+Sums and the backward are float32 whatever the activations' dtype; the forward rounds as
+PyTorch's eq. (1) does, so that both zero the same outputs.
 
 Each kernel sees a tensor as (N, H·W, C) through its strides, so NCHW and channels_last
 activations run without a copy. Off CUDA the kernels run only under Triton's interpreter
@@ -23,6 +26,7 @@ import triton.language as tl
 
 TILE = 4096  # elements of one program's (positions × channels) tile
 PROGRAMS = 1024  # reduction programs to aim for: several per streaming multiprocessor
+MAX_CHUNKS = 256  # chunks per (sample, channel block): the last program adds them up
 
 
 @triton.jit
@@ -47,32 +51,100 @@ def _param(ptr, c, c_ok, dtype: tl.constexpr):
 @triton.jit
 def _tile(C, HW, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's sample ``n``, channels ``c`` and positions ``hw`` in the elementwise
-    kernels' (N, C blocks, HW blocks) grid, with the channel and tile masks."""
+    kernels' (N, C blocks, HW blocks) grid, with the channel and tile masks. The HW blocks
+    run last to first: the reduction before read the last positions last, so they may still
+    be in L2."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = (tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
+    block = tl.num_programs(2) - 1 - tl.program_id(2)
+    hw = (block * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
     c_ok = c < C
     return n, c, hw, c_ok, (hw < HW)[:, None] & c_ok[None, :]
 
 
 @triton.jit
-def _partial_sums_kernel(
-    a_ptr, out_ptr, bias_ptr, partial_ptr,
+def _last_to_arrive(counts_ptr, index, expected):
+    """Whether this program is the last of ``expected`` to reach counter ``index``; the last
+    resets it to 0 for the next kernel. What every program stored before is then visible to
+    the last one (the barrier, then the atomic's release and acquire)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counts_ptr + index, 1, sem="acq_rel")
+    last = arrived == expected - 1
+    if last:
+        tl.store(counts_ptr + index, 0)
+    return last
+
+
+@triton.jit
+def _sum_rows(ptr, rows, stride, n, c, c_ok, C, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``Σ_r ptr[r·stride + n·C + c]`` over ``rows`` rows, in a fixed order (so the same
+    result whichever program computes it), float32. Loads bypass L1, which may hold what
+    another program overwrote since."""
+    total = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
+    for first in range(0, rows, BLOCK_ROWS):
+        r = first + tl.arange(0, BLOCK_ROWS)
+        ok = (r < rows)[:, None] & c_ok[None, :]
+        total += tl.load(ptr + r[:, None] * stride + n * C + c[None, :], mask=ok, other=0.0,
+                         cache_modifier=".cg")  # fmt: skip
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _param_grads(
+    sums_ptr, y_sums_ptr, gamma_ptr, grad_lam_ptr, grad_gamma_ptr, grad_beta_ptr,
+    N, C, HW, c, c_ok, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """λ, γ and β's gradients for channels ``c`` from the per-(sample, channel) sums ``Σ g``,
+    ``Σ g·(out - β)`` (``sums``) and ``Σ y`` (``y_sums``): ``Σ g``, ``Σ g·(out - β)/γ`` (0
+    where γ is exactly 0, which leaves ``y - λm`` unrecoverable) and ``-γ Σ_n m·Σ g``."""
+    gamma = _param(gamma_ptr, c, c_ok, dtype)
+    g_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dot_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_g_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for first in range(0, N, BLOCK_N):
+        n = first + tl.arange(0, BLOCK_N)
+        ok = (n < N)[:, None] & c_ok[None, :]
+        at = n[:, None] * C + c[None, :]
+        g_sum = tl.load(sums_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+        dot = tl.load(sums_ptr + N * C + at, mask=ok, other=0.0, cache_modifier=".cg")
+        mean = _rounded(tl.load(y_sums_ptr + at, mask=ok, other=0.0) / HW, dtype)
+        g_total += tl.sum(g_sum, axis=0)
+        dot_total += tl.sum(dot, axis=0)
+        mean_g_total += tl.sum(mean * g_sum, axis=0)
+    tl.store(grad_beta_ptr + c, g_total.to(grad_beta_ptr.dtype.element_ty), mask=c_ok)
+    grad_gamma = tl.where(gamma == 0, 0.0, dot_total / tl.where(gamma == 0, 1.0, gamma))
+    tl.store(grad_gamma_ptr + c, grad_gamma.to(grad_gamma_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(grad_lam_ptr + c, (-gamma * mean_g_total).to(grad_lam_ptr.dtype.element_ty),
+             mask=c_ok)  # fmt: skip
+
+
+@triton.jit
+def _sums_kernel(
+    a_ptr, out_ptr, bias_ptr, partial_ptr, sums_ptr, counts_ptr,
+    y_sums_ptr, gamma_ptr, grad_lam_ptr, grad_gamma_ptr, grad_beta_ptr,
     N, C, HW, rows,
     a_sn, a_shw, a_sc, o_sn, o_shw, o_sc,
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, GRAD: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, FINISH: tl.constexpr,
+    GRAD: tl.constexpr,
 ):  # fmt: skip
-    """Per-(sample, channel) sums over one chunk of ``rows`` positions, into
-    ``partial[k, chunk, n, c]``. Forward (``GRAD=False``): ``Σ a`` with ``a = y``. Backward:
-    ``Σ g`` (k = 0) and ``Σ g·(out - β)`` (k = 1), with ``g = a·[out > 0]``, ``a = ∂L/∂out``."""
+    """Per-(sample, channel) sums over H·W into ``sums[k, n, c]``. Forward (``GRAD=False``):
+    ``Σ a`` with ``a = y``. Backward: ``Σ g`` (k = 0) and ``Σ g·(out - β)`` (k = 1) with
+    ``g = a·[out > 0]``, ``a = ∂L/∂out``, and then λ, γ and β's gradients.
+
+    Each program sums one chunk of ``rows`` positions into ``partial[k, chunk, n, c]``; the
+    last chunk of a (sample, channel block) to finish adds the chunks up, and in the backward
+    the last sample of a channel block to finish computes that block's parameter gradients."""
     n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    block = tl.program_id(1)
+    c = block * BLOCK_C + tl.arange(0, BLOCK_C)
     chunk = tl.program_id(2)
+    chunks = tl.num_programs(2)
     c_ok = c < C
     total = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
     dot = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    dtype = out_ptr.dtype.element_ty
     if GRAD:
-        beta = _param(bias_ptr, c, c_ok, out_ptr.dtype.element_ty)[None, :]
+        beta = _param(bias_ptr, c, c_ok, dtype)[None, :]
     first = chunk * rows
     for start in range(0, rows, BLOCK_HW):
         hw = (first + start + tl.arange(0, BLOCK_HW)).to(tl.int64)
@@ -88,7 +160,17 @@ def _partial_sums_kernel(
     at = (chunk * N + n) * C + c
     tl.store(partial_ptr + at, tl.sum(total, axis=0), mask=c_ok)
     if GRAD:
-        tl.store(partial_ptr + tl.num_programs(2) * N * C + at, tl.sum(dot, axis=0), mask=c_ok)
+        tl.store(partial_ptr + chunks * N * C + at, tl.sum(dot, axis=0), mask=c_ok)
+    if _last_to_arrive(counts_ptr, n * tl.num_programs(1) + block, chunks):
+        all_total = _sum_rows(partial_ptr, chunks, N * C, n, c, c_ok, C, FINISH, BLOCK_C)
+        tl.store(sums_ptr + n * C + c, all_total, mask=c_ok)
+        if GRAD:
+            all_dot = _sum_rows(partial_ptr + chunks * N * C, chunks, N * C, n, c, c_ok, C,
+                                FINISH, BLOCK_C)  # fmt: skip
+            tl.store(sums_ptr + N * C + n * C + c, all_dot, mask=c_ok)
+            if _last_to_arrive(counts_ptr, N * tl.num_programs(1) + block, N):
+                _param_grads(sums_ptr, y_sums_ptr, gamma_ptr, grad_lam_ptr, grad_gamma_ptr,
+                             grad_beta_ptr, N, C, HW, c, c_ok, dtype, BLOCK_N, BLOCK_C)  # fmt: skip
 
 
 @triton.jit
@@ -135,35 +217,6 @@ def _agc_relu_grad_kernel(
     tl.store(grad_ptr + n * r_sn + hw[:, None] * r_shw + c[None, :] * r_sc, res, mask=ok)
 
 
-@triton.jit
-def _param_grads_kernel(
-    sums_ptr, gsums_ptr, gamma_ptr, grad_lam_ptr, grad_gamma_ptr, grad_beta_ptr, out_ptr,
-    N, C, HW,
-    BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """λ, γ and β's gradients from the per-(sample, channel) sums: ``Σ g``, ``Σ g·(out-β)/γ``
-    (0 where γ is exactly 0, which leaves ``y - λm`` unrecoverable) and ``-γ Σ_n m·Σ g``.
-    Of ``out`` only the dtype is read, to round as the forward did."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    dtype = out_ptr.dtype.element_ty
-    gamma = _param(gamma_ptr, c, c_ok, dtype)
-    g_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dot_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean_g_total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for n in range(0, N):
-        g_sum = tl.load(gsums_ptr + n * C + c, mask=c_ok, other=0.0)
-        mean = _rounded(tl.load(sums_ptr + n * C + c, mask=c_ok, other=0.0) / HW, dtype)
-        g_total += g_sum
-        dot_total += tl.load(gsums_ptr + (N + n) * C + c, mask=c_ok, other=0.0)
-        mean_g_total += mean * g_sum
-    tl.store(grad_beta_ptr + c, g_total.to(grad_beta_ptr.dtype.element_ty), mask=c_ok)
-    grad_gamma = tl.where(gamma == 0, 0.0, dot_total / tl.where(gamma == 0, 1.0, gamma))
-    tl.store(grad_gamma_ptr + c, grad_gamma.to(grad_gamma_ptr.dtype.element_ty), mask=c_ok)
-    tl.store(grad_lam_ptr + c, (-gamma * mean_g_total).to(grad_lam_ptr.dtype.element_ty),
-             mask=c_ok)  # fmt: skip
-
-
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` if its H and W merge into one position axis (NCHW or channels_last), else a copy."""
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
@@ -195,51 +248,76 @@ def _tiles(t: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
     return (n, _cdiv(c, block_c), _cdiv(h * w, block_hw)), block_hw, block_c
 
 
-def _sums(a: torch.Tensor, out: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """``_partial_sums_kernel`` over ``a``, then the sum over chunks: (k, N, C) float32."""
+def _counters(y: torch.Tensor) -> torch.Tensor:
+    """Zeroed counters for ``_sums_kernel`` over ``y``, forward and backward: one per (sample,
+    channel block), then one per channel block. Each kernel leaves them zeroed again."""
+    n, c = y.shape[:2]
+    blocks = _cdiv(c, _blocks(c)[1])
+    return torch.zeros(n * blocks + blocks, device=y.device, dtype=torch.int32)
+
+
+def _sums(
+    a: torch.Tensor,
+    counts: torch.Tensor,
+    out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    y_sums: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    param_grads: tuple[torch.Tensor, ...] = (),
+) -> torch.Tensor:
+    """``_sums_kernel`` over ``a``: (1, N, C) float32 sums forward; backward (with ``out``
+    and the rest), (2, N, C), and λ, γ and β's gradients written into ``param_grads``."""
     n, c, h, w = a.shape
     block_hw, block_c = _blocks(c)
     c_blocks = _cdiv(c, block_c)
-    chunks = max(1, min(_cdiv(h * w, block_hw), _cdiv(PROGRAMS, n * c_blocks)))
-    rows = _cdiv(_cdiv(h * w, chunks), block_hw) * block_hw
+    chunks = min(_cdiv(h * w, block_hw), _cdiv(PROGRAMS, n * c_blocks), MAX_CHUNKS)
+    rows = _cdiv(_cdiv(h * w, max(1, chunks)), block_hw) * block_hw
     chunks = _cdiv(h * w, rows)
     grad = out is not None
     partial = torch.empty((2 if grad else 1, chunks, n, c), device=a.device, dtype=torch.float32)
-    out = out if grad else a
-    _partial_sums_kernel[(n, c_blocks, chunks)](
-        a, out, bias if grad else partial, partial, n, c, h * w, rows,
-        *_strides(a), *_strides(out),
-        BLOCK_HW=block_hw, BLOCK_C=block_c, GRAD=grad, num_warps=8,
+    sums = torch.empty((2 if grad else 1, n, c), device=a.device, dtype=torch.float32)
+    unused = partial  # a pointer for the arguments only the backward reads
+    _sums_kernel[(n, c_blocks, chunks)](
+        a, out if grad else a, bias if grad else unused, partial, sums, counts,
+        *((y_sums, weight, *param_grads) if grad else (unused,) * 5),
+        n, c, h * w, rows, *_strides(a), *_strides(out if grad else a),
+        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_N=16, FINISH=64, GRAD=grad, num_warps=8,
     )  # fmt: skip
-    return partial.sum(1)
+    return sums
 
 
 def forward(
     y: torch.Tensor, mean_scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``relu((y - λ·mean_HW(y))·γ + β)`` in ``y``'s dtype and layout, and ``Σ_HW y`` (N, C)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``relu((y - λ·mean_HW(y))·γ + β)`` in ``y``'s dtype and layout, ``Σ_HW y`` (N, C),
+    and the zeroed counters, which the backward reuses."""
     y = _dense(y)
-    sums = _sums(y, None, None)[0]
+    counts = _counters(y)
+    sums = _sums(y, counts)[0]
     out = torch.empty_like(y)
     grid, block_hw, block_c = _tiles(y)
     _agc_relu_kernel[grid](
         y, out, sums, mean_scale, weight, bias, y.shape[1], y.shape[2] * y.shape[3],
         *_strides(y), *_strides(out), BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
     )  # fmt: skip
-    return out, sums
+    return out, sums, counts
 
 
 def backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,
     sums: torch.Tensor,
+    counts: torch.Tensor,
     mean_scale: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``∂L/∂y`` (in ``out``'s dtype and layout), then λ, γ and β's gradients."""
+    """``∂L/∂y`` (in ``out``'s dtype and layout), then λ, γ and β's gradients; ``counts``
+    are zeroed counters (the forward's)."""
     grad_out = _dense(grad_out)
-    gsums = _sums(grad_out, out, bias)  # [Σ_HW g, Σ_HW g·(out - β)] with g = ∂L/∂out·[out > 0]
+    grads = tuple(torch.empty_like(p) for p in (mean_scale, weight, bias))
+    # [Σ_HW g, Σ_HW g·(out - β)] with g = ∂L/∂out·[out > 0], and the parameters' gradients
+    gsums = _sums(grad_out, counts, out, bias, sums, weight, grads)
     grad_y = torch.empty_like(out)
     grid, block_hw, block_c = _tiles(out)
     _agc_relu_grad_kernel[grid](
@@ -247,10 +325,4 @@ def backward(
         out.shape[2] * out.shape[3], *_strides(grad_out), *_strides(out), *_strides(grad_y),
         BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
     )  # fmt: skip
-    n, c = sums.shape
-    grads = [torch.empty_like(p) for p in (mean_scale, weight, bias)]
-    block_c = min(256, 1 << (c - 1).bit_length())
-    _param_grads_kernel[(_cdiv(c, block_c),)](
-        sums, gsums, weight, *grads, out, n, c, out.shape[2] * out.shape[3], BLOCK_C=block_c,
-    )  # fmt: skip
-    return grad_y, grads[0], grads[1], grads[2]
+    return grad_y, *grads
