@@ -52,6 +52,18 @@ def test_training_step_learns_on_cuda(precision):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_last_steps_gradients_are_freed_before_the_forward():
+    model, batches = tiny_problem("cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    held = []
+    model.register_forward_pre_hook(
+        lambda *_: held.append([p.grad is not None for p in model.parameters()])
+    )
+    train_one_epoch(model, batches, optimizer, build_loss(compose().loss, class_weights=None))
+    assert len(held) == 2 and not any(map(any, held)), held
+    assert all(p.grad is not None for p in model.parameters())  # so the check above can fail
+
+
 def test_unknown_precision_is_a_clear_error():
     with pytest.raises(ValueError, match="train.precision must be 'fp32' or 'bf16'"):
         autocast(torch.device("cpu"), "fp16")

@@ -150,10 +150,10 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
 
-    def step() -> None:
+    def step() -> None:  # as engine.train_one_epoch takes it
+        optimizer.zero_grad(set_to_none=True)
         with autocast(device, setting.precision):
             loss = pixel_cross_entropy(step_model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 

@@ -59,13 +59,15 @@ def train_one_epoch(
     bar = tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch",
                initial=batches.position, total=len(batches))  # fmt: skip
     for images, labels, contours in bar:
+        # Before the forward, so the last step's gradients (one more copy of the parameters)
+        # are not held through it: that is where the step's memory peaks.
+        optimizer.zero_grad(set_to_none=True)
         with autocast(batches.device, precision):
             loss = loss_fn(model(images), labels, contours)
         valid = (labels != IGNORE_INDEX).sum()
         scaled = loss
         if world > 1:  # DDP averages gradients over processes; undo that, weigh by pixels
             scaled = loss * (valid * world / all_reduce_sum(valid.clone()).clamp(min=1))
-        optimizer.zero_grad(set_to_none=True)
         scaled.backward()
         optimizer.step()
         total += loss.detach() * valid
