@@ -67,3 +67,24 @@ def test_last_steps_gradients_are_freed_before_the_forward():
 def test_unknown_precision_is_a_clear_error():
     with pytest.raises(ValueError, match="train.precision must be 'fp32' or 'bf16'"):
         autocast(torch.device("cpu"), "fp16")
+
+
+def test_training_sgd_is_the_papers_update_fused():
+    """Momentum 0.9, no weight decay, fixed lr (§3), fused: the parameters after a few steps
+    are those of PyTorch's plain SGD loop."""
+    from deepcontrol.train import build_optimizer
+
+    torch.manual_seed(0)
+    models = [nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)]
+    models[1].load_state_dict(models[0].state_dict())
+    plain = torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, foreach=False)
+    optimizers = [build_optimizer(compose(["optim.lr=0.1"]).optim, models[0]), plain]
+    assert optimizers[0].defaults["fused"] and optimizers[0].defaults["weight_decay"] == 0
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for got, want in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -30,7 +30,7 @@ from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import SegNet
 from deepcontrol.nn import AutoGainControl2d
 from deepcontrol.nn.fused_agc import triton_agc
-from deepcontrol.train import compile_model, use_channels_last
+from deepcontrol.train import compile_model, sgd, use_channels_last
 
 # AGC's implementations (AutoGainControl2d's ``kernels``): "agc" is what training runs, the
 # fused function over Triton kernels; "agc-naive" the reference AGC and a separate ReLU, as a
@@ -140,7 +140,7 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
     """One full SGD step of SegNet on fixed random data, as ``setting`` runs it."""
     torch.manual_seed(0)
     model = build(setting.norm, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = sgd(model, lr=0.01, momentum=0.9)
     mode = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
     if setting.mode != "eager":
         torch._dynamo.reset()  # compile afresh: another setting's graphs and guards
@@ -264,7 +264,7 @@ def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
                             device=device)  # fmt: skip
     torch.manual_seed(0)
     model = build(norm, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = sgd(model, lr=0.01, momentum=0.9)
 
     def loss_fn(outputs, target, contours=None):
         return pixel_cross_entropy(outputs, target)
