@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepcontrol.atomic import write_atomic
 from deepcontrol.config import CONFIG_DIR
-from deepcontrol.data import build_data, ensure_cache
+from deepcontrol.data import Data, build_data, ensure_cache
 from deepcontrol.distributed import (
     any_process,
     broadcast_buffers,
@@ -242,19 +242,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     model = compile_model(model, cfg.train.compile)
 
     samples_per_epoch = data.train.num_samples - data.train.dropped_per_epoch
-    facts = {
-        "lr": cfg.optim.lr,
-        "batch_size": cfg.data.batch_size,
-        "batch_size_per_process": cfg.data.batch_size // place.world_size,
-        "world_size": place.world_size,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "train_samples": data.train.num_samples,
-        "val_samples": data.val_samples,
-        "class_weights": None if weights is None else data.class_weights.tolist(),
-        "device": str(device),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "torch": torch.__version__,
-    }
+    facts = _run_facts(cfg, data, place.world_size, device, net)
     if data.train.dropped_per_epoch:
         log.warning(
             f"the last batch of each epoch ({data.train.dropped_per_epoch} samples) cannot give "
@@ -294,14 +282,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                 break
             broadcast_buffers(model)
             metrics, iou = evaluate(net, data.val, loss_fn, data.num_classes, cfg.train.precision)
-            lambdas = agc_mean_scales(net)
             row = {
                 "epoch": epoch,
                 "samples_seen": epoch * samples_per_epoch,
                 **stats,
                 **metrics,
                 **{f"iou_{name}": float(v) for name, v in zip(data.class_names, iou, strict=True)},
-                **{f"lambda_{depth:02d}": value for depth, value in enumerate(lambdas, 1)},
+                **{f"lambda_{depth:02d}": v for depth, v in enumerate(agc_mean_scales(net), 1)},
                 "lr": cfg.optim.lr,
                 "seconds": time.perf_counter() - started,
             }
@@ -329,6 +316,26 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     summary.update(_results(logger.history, best))
     logger.write_summary(summary)
     return summary
+
+
+def _run_facts(
+    cfg: DictConfig, data: Data, world_size: int, device: torch.device, net: torch.nn.Module
+) -> dict:
+    """What a run's summary records beside its config: the resolved lr and batch split, the
+    sizes, the class weights and where it ran."""
+    return {
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.data.batch_size,
+        "batch_size_per_process": cfg.data.batch_size // world_size,
+        "world_size": world_size,
+        "num_parameters": sum(p.numel() for p in net.parameters()),
+        "train_samples": data.train.num_samples,
+        "val_samples": data.val_samples,
+        "class_weights": None if data.class_weights is None else data.class_weights.tolist(),
+        "device": str(device),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "torch": torch.__version__,
+    }
 
 
 def _results(history: list[dict], best: dict) -> dict:
