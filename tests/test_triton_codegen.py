@@ -1,12 +1,15 @@
-"""The AGC Triton kernels compile for an H100 (sm_90), with no GPU needed.
+"""The AGC Triton kernels compile for an H100 (sm_90), and torch.compile traces them well,
+with no GPU needed.
 
 The CPU tests run the kernels under Triton's interpreter, which checks their arithmetic but
 not Triton's GPU code generation. This compiles them ahead of time for sm_90, with the
 specialisation Triton's JIT gives a channels_last bf16 SegNet activation (unit channel
 stride, 16-divisible pointers and sizes), and reads the PTX and ptxas's report: it must
 compile, spill no register, and move data in 16-byte vectors; and torch.compile's analysis of
-the kernels must find what each one writes. Run as a script (without
-``TRITON_INTERPRET``, which the test suite sets) it prints the report as JSON.
+the kernels must find what each one writes. It also traces a conv → fused AGC → conv block
+with torch.compile as for an sm_90 GPU and reads the graphs: one graph, and no copy of an
+activation or a gradient. Run as a script (without ``TRITON_INTERPRET``, which the test
+suite sets) it prints the report as JSON.
 """
 
 import json
@@ -20,25 +23,76 @@ import pytest
 import torch
 
 N, C, HW = 8, 64, 256 * 512  # SegNet's first layer at batch 8, channels_last
-STRIDES = {"sn": HW * C, "shw": C, "sc": 1}
+STRIDES = {"s_n": HW * C, "s_hw": C, "s_c": 1}
 ACTIVATIONS = ("a_ptr", "out_ptr", "y_ptr", "g_ptr", "grad_ptr")
 POINTER_TYPES = dict.fromkeys(ACTIVATIONS, "*bf16") | {"counts_ptr": "*i32"}  # the rest fp32
 
 
-def written_arguments(kernel, arguments: dict) -> list[str]:
-    """The arguments torch.compile finds ``kernel`` writes, from its Triton IR for an sm_90
-    target. When that analysis fails, torch.compile treats every argument as written, and
-    copies each activation before the kernel runs."""
+def pretend_hopper() -> None:
+    """Make torch.compile treat Triton kernels as it does on an sm_90 GPU, with none here."""
+    import torch.utils._triton
     import triton
-    from torch._higher_order_ops import triton_kernel_wrap
 
-    class Hopper:  # the target torch.compile asks the active driver for; no GPU needed
+    class Hopper:  # the target torch.compile asks the active driver for
         def get_current_target(self):
             return triton.backends.compiler.GPUTarget("cuda", 90, 32)
 
     triton.runtime.driver.set_active(Hopper())
+    torch.utils._triton.has_triton = lambda: True  # else dynamo traces into Triton itself
+
+
+def written_arguments(kernel, arguments: dict) -> list[str]:
+    """The arguments torch.compile finds ``kernel`` writes, from its Triton IR. When that
+    analysis fails, torch.compile treats every argument as written, and copies each
+    activation before the kernel runs."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
     accessed = triton_kernel_wrap.identify_accessed_tensors(kernel, arguments, {})
     return sorted(dep.name for dep in accessed.read_writes.writes)
+
+
+def compiled_graphs() -> dict:
+    """How many graphs torch.compile captures from conv → fused AGC+ReLU → conv (channels_last,
+    bf16 autocast, forward and backward), and the ATen ops of its forward and backward
+    graphs. Nothing runs: each graph is replaced by one that returns zeros of its outputs'
+    shapes, which is all autograd needs to trace the backward."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from deepcontrol.nn import ConvNormReLU
+
+    found = {"graphs": 0, "forward": [], "backward": []}
+
+    def stand_in(kind):
+        def compile_graph(graph, example_inputs):
+            found[kind] += [str(node.target) for node in graph.graph.nodes
+                            if node.op == "call_function"]  # fmt: skip
+            outputs = next(node for node in graph.graph.nodes if node.op == "output").args[0]
+            values = [getattr(o, "meta", {}).get("val") for o in outputs]
+
+            def zeros(*args):  # made when run: while compiling, tensors are fake
+                return [None if v is None else
+                        torch.empty_strided(v.shape, v.stride(), dtype=v.dtype).zero_()
+                        for v in values]  # fmt: skip
+
+            return make_boxed_func(zeros)
+
+        return compile_graph
+
+    def backend(graph, example_inputs):
+        found["graphs"] += 1
+        return aot_module_simplified(graph, example_inputs, fw_compiler=stand_in("forward"),
+                                     bw_compiler=stand_in("backward"))  # fmt: skip
+
+    block = ConvNormReLU(8, 16, "agc")
+    block[1].kernels = "triton"
+    model = torch.nn.Sequential(block, torch.nn.Conv2d(16, 4, 3, padding=1))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 16, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(model, backend=backend)(x)
+    out.float().sum().backward()
+    return found
 
 
 def machine_instructions(cubin: bytes) -> int:
@@ -62,9 +116,7 @@ def compile_report() -> dict:
     from deepcontrol.nn import triton_agc
 
     ptxas = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin" / "ptxas"
-    values = {"N": N, "C": C, "HW": HW, "rows": 1024}
-    for prefix in ("a_", "o_", "y_", "g_", "r_"):
-        values |= {prefix + k: v for k, v in STRIDES.items()}
+    values = {"N": N, "C": C, "HW": HW, "rows": 1024, **STRIDES}
     tiles = {"BLOCK_HW": 64, "BLOCK_C": 64}
     sums = tiles | {"BLOCK_N": 16, "FINISH": 64}
     kernels = {
@@ -119,14 +171,20 @@ def compile_report() -> dict:
     return report
 
 
-def test_kernels_compile_for_sm90_with_vector_loads_and_no_spills():
+@pytest.fixture(scope="module")
+def sm90() -> dict:
+    """This file run as a script: the kernels' report and the compiled block's graphs."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__path__[0]) / "backends" / "nvidia" / "bin" / "ptxas").is_file():
         pytest.skip("this Triton has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_kernels_compile_for_sm90_with_vector_loads_and_no_spills(sm90):
+    report = sm90["kernels"]
     assert len(report) == 4
     for kernel, found in report.items():
         assert "0 bytes spill stores, 0 bytes spill loads" in found["ptxas"], kernel
@@ -153,5 +211,20 @@ def test_kernels_compile_for_sm90_with_vector_loads_and_no_spills():
     assert report["agc relu, grad"]["writes"] == ["grad_ptr"]
 
 
+def test_compiled_agc_is_one_graph_that_copies_no_activation(sm90):
+    """Dynamo captures the block whole, and AOT autograd passes the conv's channels_last
+    output and the next conv's gradient to the kernels as they are. Reading the gradient's
+    strides in the backward made dynamo copy each gradient to NCHW first."""
+    compiled = sm90["compiled"]
+    assert compiled["graphs"] == 1
+    kernels = "triton_kernel_wrapper_functional"
+    assert sum(kernels in op for op in compiled["forward"]) == 2
+    assert sum(kernels in op for op in compiled["backward"]) == 2
+    copies = [op for op in compiled["forward"] + compiled["backward"]
+              if "clone" in op or "contiguous" in op]  # fmt: skip
+    assert not copies, copies
+
+
 if __name__ == "__main__":
-    print(json.dumps(compile_report()))
+    pretend_hopper()
+    print(json.dumps({"kernels": compile_report(), "compiled": compiled_graphs()}))

@@ -12,8 +12,9 @@ program adds the chunks in a fixed order, so results do not depend on which one 
 Sums and the backward are float32 whatever the activations' dtype; the forward rounds as
 PyTorch's eq. (1) does, so that both zero the same outputs.
 
-Each kernel sees a tensor as (N, H·W, C) through its strides, so NCHW and channels_last
-activations run without a copy. Off CUDA the kernels run only under Triton's interpreter
+Each kernel sees its tensors as (N, H·W, C) through one set of strides, so NCHW and
+channels_last activations run without a copy, and a gradient in another layout than the
+activation's is copied into it. Off CUDA the kernels run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is first imported), which is how the CPU tests
 check them against the reference.
 """
@@ -55,17 +56,18 @@ def _param(ptr, c, c_ok, dtype: tl.constexpr):
 
 
 @triton.jit
-def _tile(C, HW, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's sample ``n``, channels ``c`` and positions ``hw`` in the elementwise
-    kernels' (N, C blocks, HW blocks) grid, with the channel and tile masks. The HW blocks
-    run last to first: the reduction before read the last positions last, so they may still
-    be in L2."""
+def _tile(C, HW, s_n, s_hw, s_c, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's sample ``n``, channels ``c`` (and mask) in the elementwise kernels'
+    (N, C blocks, HW blocks) grid, and its tile's element offsets and mask. The HW blocks run
+    last to first: the reduction before read the last positions last, so they may still be
+    in L2."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     block = tl.num_programs(2) - 1 - tl.program_id(2)
     hw = (block * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
     c_ok = c < C
-    return n, c, hw, c_ok, (hw < HW)[:, None] & c_ok[None, :]
+    at = n * s_n + hw[:, None] * s_hw + c[None, :] * s_c
+    return n, c, c_ok, at, (hw < HW)[:, None] & c_ok[None, :]
 
 
 @triton.jit
@@ -128,8 +130,7 @@ def _param_grads(
 def _sums_kernel(
     a_ptr, out_ptr, bias_ptr, partial_ptr, sums_ptr, counts_ptr,
     y_sums_ptr, gamma_ptr, grad_lam_ptr, grad_gamma_ptr, grad_beta_ptr,
-    N, C, HW, rows,
-    a_sn, a_shw, a_sc, o_sn, o_shw, o_sc,
+    N, C, HW, rows, s_n, s_hw, s_c,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, FINISH: tl.constexpr,
     GRAD: tl.constexpr,
 ):  # fmt: skip
@@ -155,11 +156,10 @@ def _sums_kernel(
     for start in range(0, rows, BLOCK_HW):
         hw = (first + start + tl.arange(0, BLOCK_HW)).to(tl.int64)
         ok = (hw < HW)[:, None] & c_ok[None, :]
-        a = tl.load(a_ptr + n * a_sn + hw[:, None] * a_shw + c[None, :] * a_sc, mask=ok, other=0.0)
-        a = a.to(tl.float32)
+        at = n * s_n + hw[:, None] * s_hw + c[None, :] * s_c
+        a = tl.load(a_ptr + at, mask=ok, other=0.0).to(tl.float32)
         if GRAD:
-            o = tl.load(out_ptr + n * o_sn + hw[:, None] * o_shw + c[None, :] * o_sc, mask=ok,
-                        other=0.0).to(tl.float32)  # fmt: skip
+            o = tl.load(out_ptr + at, mask=ok, other=0.0).to(tl.float32)
             a = tl.where(o <= 0, 0.0, a)
             dot += a * (o - beta)
         total += a
@@ -182,45 +182,43 @@ def _sums_kernel(
 @triton.jit
 def _agc_relu_kernel(
     y_ptr, out_ptr, sums_ptr, lam_ptr, gamma_ptr, beta_ptr,
-    C, HW,
-    y_sn, y_shw, y_sc, o_sn, o_shw, o_sc,
+    C, HW, s_n, s_hw, s_c,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """One tile of eq. (1) and the ReLU, ``relu((y - λ·mean)·γ + β)``, rounded to ``out``'s
     dtype after each operation as PyTorch computes the reference."""
-    n, c, hw, c_ok, ok = _tile(C, HW, BLOCK_HW, BLOCK_C)
+    n, c, c_ok, at, ok = _tile(C, HW, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C)
     dtype = out_ptr.dtype.element_ty
     mean = _rounded(tl.load(sums_ptr + n * C + c, mask=c_ok, other=0.0) / HW, dtype)
     lam = _param(lam_ptr, c, c_ok, dtype)
     gamma = _param(gamma_ptr, c, c_ok, dtype)
     beta = _param(beta_ptr, c, c_ok, dtype)
     sub = _rounded(lam * mean, dtype)[None, :]
-    y = tl.load(y_ptr + n * y_sn + hw[:, None] * y_shw + c[None, :] * y_sc, mask=ok, other=0.0)
+    y = tl.load(y_ptr + at, mask=ok, other=0.0)
     res = _rounded(_rounded(y.to(tl.float32) - sub, dtype) * gamma[None, :], dtype) + beta[None, :]
     res = _rounded(tl.where(res < 0, 0.0, res), dtype)  # NaN stays NaN, as in torch.relu
-    tl.store(out_ptr + n * o_sn + hw[:, None] * o_shw + c[None, :] * o_sc, res.to(dtype), mask=ok)
+    tl.store(out_ptr + at, res.to(dtype), mask=ok)
 
 
 @triton.jit
 def _agc_relu_grad_kernel(
     g_ptr, out_ptr, grad_ptr, gsums_ptr, lam_ptr, gamma_ptr,
-    C, HW,
-    g_sn, g_shw, g_sc, o_sn, o_shw, o_sc, r_sn, r_shw, r_sc,
+    C, HW, s_n, s_hw, s_c,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """One tile of ``∂L/∂y = γ·g - γλ·mean_HW(g)`` with ``g = ∂L/∂out·[out > 0]``; ``gsums``
     holds ``Σ_HW g`` per (sample, channel)."""
-    n, c, hw, c_ok, ok = _tile(C, HW, BLOCK_HW, BLOCK_C)
+    n, c, c_ok, at, ok = _tile(C, HW, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C)
     dtype = grad_ptr.dtype.element_ty
     lam = _param(lam_ptr, c, c_ok, dtype)
     gamma = _param(gamma_ptr, c, c_ok, dtype)
     g_sum = tl.load(gsums_ptr + n * C + c, mask=c_ok, other=0.0)
     shift = (-gamma * lam * g_sum / HW)[None, :]
-    g = tl.load(g_ptr + n * g_sn + hw[:, None] * g_shw + c[None, :] * g_sc, mask=ok, other=0.0)
-    o = tl.load(out_ptr + n * o_sn + hw[:, None] * o_shw + c[None, :] * o_sc, mask=ok, other=0.0)
+    g = tl.load(g_ptr + at, mask=ok, other=0.0)
+    o = tl.load(out_ptr + at, mask=ok, other=0.0)
     res = tl.where(o <= 0, 0.0, g.to(tl.float32) * gamma[None, :]) + shift
     res = _rounded(res, dtype).to(dtype)
-    tl.store(grad_ptr + n * r_sn + hw[:, None] * r_shw + c[None, :] * r_sc, res, mask=ok)
+    tl.store(grad_ptr + at, res, mask=ok)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -234,6 +232,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     """(sample, position, channel) strides of a ``_dense`` (N, C, H, W) tensor."""
     n, c, h, w = t.stride()
     return n, w if t.shape[3] > 1 else h, c
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    """The memory format of a ``_dense`` tensor."""
+    return torch.contiguous_format if t.is_contiguous() else torch.channels_last
 
 
 # Plain Python, not triton.cdiv and friends, so that torch.compile traces the launches
@@ -264,6 +267,7 @@ def _counters(y: torch.Tensor) -> torch.Tensor:
 
 def _sums(
     a: torch.Tensor,
+    strides: tuple[int, int, int],
     counts: torch.Tensor,
     out: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
@@ -271,8 +275,9 @@ def _sums(
     weight: torch.Tensor | None = None,
     param_grads: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
-    """``_sums_kernel`` over ``a``: (1, N, C) float32 sums forward; backward (with ``out``
-    and the rest), (2, N, C), and λ, γ and β's gradients written into ``param_grads``."""
+    """``_sums_kernel`` over ``a`` (and ``out``), both read with ``strides``: (1, N, C)
+    float32 sums forward; backward (with ``out`` and the rest), (2, N, C), and λ, γ and β's
+    gradients written into ``param_grads``."""
     n, c, h, w = a.shape
     block_hw, block_c = _blocks(c)
     c_blocks = _cdiv(c, block_c)
@@ -286,7 +291,7 @@ def _sums(
     _sums_kernel[(n, c_blocks, chunks)](
         a, out if grad else a, bias if grad else unused, partial, sums, counts,
         *((y_sums, weight, *param_grads) if grad else (unused,) * 5),
-        n, c, h * w, rows, *_strides(a), *_strides(out if grad else a),
+        n, c, h * w, rows, *strides,
         BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_N=16, FINISH=64, GRAD=grad, num_warps=8,
     )  # fmt: skip
     return sums
@@ -298,13 +303,14 @@ def forward(
     """``relu((y - λ·mean_HW(y))·γ + β)`` in ``y``'s dtype and layout, ``Σ_HW y`` (N, C),
     and the zeroed counters, which the backward reuses."""
     y = _dense(y)
+    strides = _strides(y)
     counts = _counters(y)
-    sums = _sums(y, counts)[0]
-    out = torch.empty_like(y)
+    sums = _sums(y, strides, counts)[0]
+    out = torch.empty_like(y)  # y's strides, as y is dense
     grid, block_hw, block_c = _tiles(y)
     _agc_relu_kernel[grid](
         y, out, sums, mean_scale, weight, bias, y.shape[1], y.shape[2] * y.shape[3],
-        *_strides(y), *_strides(out), BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
+        *strides, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
     )  # fmt: skip
     return out, sums, counts
 
@@ -320,15 +326,19 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``∂L/∂y`` (in ``out``'s dtype and layout), then λ, γ and β's gradients; ``counts``
     are zeroed counters (the forward's)."""
-    grad_out = _dense(grad_out)
+    # ∂L/∂out in out's layout, read with out's strides. Under torch.compile this gradient's
+    # strides are unknown while dynamo traces the backward, and asking for them makes it
+    # copy every gradient to NCHW first; this way only one in another layout (after a
+    # max-unpooling) is copied.
+    grad_out = grad_out.contiguous(memory_format=_layout(out))
+    strides = _strides(out)
     grads = tuple(torch.empty_like(p) for p in (mean_scale, weight, bias))
     # [Σ_HW g, Σ_HW g·(out - β)] with g = ∂L/∂out·[out > 0], and the parameters' gradients
-    gsums = _sums(grad_out, counts, out, bias, sums, weight, grads)
-    grad_y = torch.empty_like(out)
+    gsums = _sums(grad_out, strides, counts, out, bias, sums, weight, grads)
+    grad_y = torch.empty_like(out)  # out's strides, as out is dense
     grid, block_hw, block_c = _tiles(out)
     _agc_relu_grad_kernel[grid](
         grad_out, out, grad_y, gsums, mean_scale, weight, out.shape[1],
-        out.shape[2] * out.shape[3], *_strides(grad_out), *_strides(out), *_strides(grad_y),
-        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
+        out.shape[2] * out.shape[3], *strides, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
     )  # fmt: skip
     return grad_y, *grads
