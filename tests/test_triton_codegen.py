@@ -47,6 +47,8 @@ def written_arguments(kernel, arguments: dict) -> list[str]:
     activation before the kernel runs."""
     from torch._higher_order_ops import triton_kernel_wrap
 
+    if not hasattr(triton_kernel_wrap, "identify_accessed_tensors"):  # an older torch
+        return sorted(triton_kernel_wrap.identify_mutated_tensors(kernel, arguments, {}))
     accessed = triton_kernel_wrap.identify_accessed_tensors(kernel, arguments, {})
     return sorted(dep.name for dep in accessed.read_writes.writes)
 
