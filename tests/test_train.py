@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,32 +167,48 @@ def test_divergence_is_recorded_not_raised(synthetic_root, cache, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
-def wandb_history(path: Path) -> list[dict]:
-    """The history rows of an offline W&B run file.
+def wandb_history(path: Path, wait_s: float = 60.0) -> list[dict]:
+    """The history rows of an offline W&B run file, once W&B has written all of it.
 
     The file is a LevelDB-style log (32 KiB blocks of records with a 7-byte header: crc,
-    length, type) after a 7-byte ':W&B' header; each record is a protobuf ``Record``.
+    length, type) after a 7-byte ':W&B' header; each record is a protobuf ``Record``. W&B's
+    service process writes it, and may still be writing when ``wandb.finish`` has returned
+    (seen in about one full test run in four), so this waits for its last record, ``exit``.
     """
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows, complete = _wandb_records(path)
+        if complete or time.monotonic() > deadline:
+            assert complete, f"{path}: W&B wrote no exit record within {wait_s} s"
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_records(path: Path) -> tuple[list[dict], bool]:
+    """The history rows in ``path`` so far, and whether its ``exit`` record is there."""
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
     assert data[:4] == b":W&B", path
-    rows, pos, block, pending = [], 7, 32768, b""
+    rows, pos, block, pending, complete = [], 7, 32768, b"", False
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk  # full/first, middle/last
         if kind not in (1, 4):
             continue
         record = wandb_internal_pb2.Record()
         record.ParseFromString(pending)
+        complete |= record.WhichOneof("record_type") == "exit"
         if record.WhichOneof("record_type") == "history":
             items = record.history.item
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
-    return rows
+    return rows, complete
 
 
 def test_wandb_offline_run_holds_the_history(synthetic_root, cache, tmp_path, monkeypatch):
