@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -24,7 +25,15 @@ def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
     write_report(report, tmp_path, "pytest")
     text = (tmp_path / "benchmark.md").read_text()
     assert "| fp32 | eager | 2 | agc-naive |" in text and "Targets: not assessed" in text
-    assert json.loads((tmp_path / "benchmark.json").read_text())["environment"]["device"] == "cpu"
+    environment = json.loads((tmp_path / "benchmark.json").read_text())["environment"]
+    assert environment["device"] == "cpu"
+    # the commit measured (this checkout's, or $DEEPCONTROL_COMMIT's where there is no git)
+    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown \(.*\)", environment["code"])
+
+
+def test_the_code_measured_is_named_by_its_commit(monkeypatch):
+    monkeypatch.setenv("DEEPCONTROL_COMMIT", "fbf3f84")
+    assert benchmark.environment(torch.device("cpu"))["code"] == "fbf3f84"
 
 
 def fake_report(ms: dict, peak: dict, loop_ratio: float = 0.95) -> dict:
@@ -143,8 +152,10 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
     assert report["complete"] and report["reused_steps"] == 3 and report["loop"] == partial["loop"]
     assert [(r["norm"], r["batch"]) for r in report["steps"]] == [
         ("agc", 1), ("none", 1), ("agc", 2), ("none", 2)]  # fmt: skip
-    # a finished report, or one measured another way, is measured again from the start
-    for previous in (report, {**partial, "config": {**partial["config"], "height": 64}}):
+    # a finished report, or one measured another way or on other code, is measured again
+    other_code = {**partial, "environment": {**partial["environment"], "code": "0123abcd"}}
+    for previous in (report, {**partial, "config": {**partial["config"], "height": 64}},
+                     other_code):  # fmt: skip
         del measured[:]
         run_benchmark(cfg, torch.device("cpu"), previous=previous)
         assert len(measured) == 6  # 4 step timings and the loop's 2 bare steps

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -279,10 +280,30 @@ def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
     return samples / (time.perf_counter() - started)
 
 
+def code_version() -> str:
+    """The commit being measured, with ``-dirty`` when tracked files differ from it; where
+    the checkout has no git history (a copied working tree), ``$DEEPCONTROL_COMMIT``."""
+    if os.environ.get("DEEPCONTROL_COMMIT"):
+        return os.environ["DEEPCONTROL_COMMIT"]
+
+    def git(*args: str) -> str:
+        here = Path(__file__).resolve().parent
+        done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git history here; set DEEPCONTROL_COMMIT)"
+    return commit + ("-dirty" if changes else "")
+
+
 def environment(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(),
             "device": str(device), "cpu": platform.processor() or platform.machine(),
-            "agc_kernels": "reference" if triton_agc is None else "triton"}  # fmt: skip
+            "agc_kernels": "reference" if triton_agc is None else "triton",
+            "code": code_version()}  # fmt: skip
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
