@@ -81,6 +81,37 @@ def test_last_program_adds_every_chunk_and_sample(shape):
         assert relative_error(got, want) <= TOLERANCE[torch.float32], name
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compares under Triton's interpreter")
+def test_fused_segnet_matches_the_reference_segnet():
+    """A whole SegNet in channels_last, whose max-unpoolings hand AGC NCHW gradients, with the
+    fused AGC against the reference: the logits and every parameter's gradient. Summation
+    order makes the forwards drift apart by about 1e-6 per layer, and a ReLU whose input is
+    that close to 0 goes different ways (one in 8192 at one layer, in a run with other data),
+    sending its gradient on or not. So gradients agree only to a few percent, where a wrong
+    layout or a lost chunk is off by their whole size."""
+    from deepcontrol.losses import pixel_cross_entropy
+    from deepcontrol.models import SegNet
+
+    results = {}
+    for kernels in ("triton", "reference"):
+        torch.manual_seed(0)
+        model = SegNet(19, norm="agc", width=8).to(memory_format=torch.channels_last)
+        for module in model.modules():
+            if isinstance(module, AutoGainControl2d):
+                module.kernels = kernels
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 3, 32, 64, generator=generator)
+        labels = torch.randint(0, 19, (2, 32, 64), generator=generator)
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+        pixel_cross_entropy(logits, labels).backward()
+        results[kernels] = [logits.detach()] + [p.grad for p in model.parameters()]
+    fused, reference = results["triton"], results["reference"]
+    assert relative_error(fused[0], reference[0]) <= 1e-4
+    errors = [relative_error(got, want) for got, want in zip(fused[1:], reference[1:], strict=True)]
+    assert len(errors) == 26 + 25 * 3 + 1  # convs, AGC's λ, γ, β, the classifier's bias
+    assert max(errors) <= 0.1, max(errors)  # measured: 0.023
+
+
 def test_counters_are_zero_after_each_kernel():
     """The forward's counters must be zero again for the backward, which reuses them."""
     from deepcontrol.nn import triton_agc
