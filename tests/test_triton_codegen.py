@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -105,16 +106,30 @@ def compiled_graphs() -> dict:
     return found
 
 
-def machine_instructions(cubin: bytes) -> int:
-    """How many SASS instructions ``cubin``'s kernel has, by nvdisasm."""
+def nvidia_tool(name: str) -> Path:
+    """One of the CUDA tools Triton bundles (ptxas, nvdisasm)."""
     import triton
 
-    nvdisasm = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin" / "nvdisasm"
-    cubin_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"agc-{os.getpid()}.cubin"
-    cubin_file.write_bytes(cubin)
-    sass = subprocess.run([str(nvdisasm), "-c", str(cubin_file)], capture_output=True,
-                          text=True, check=True).stdout  # fmt: skip
-    cubin_file.unlink()
+    return Path(triton.__path__[0]) / "backends" / "nvidia" / "bin" / name
+
+
+def run_tool(name: str, code: bytes, *options: str) -> subprocess.CompletedProcess:
+    """``name`` with ``options`` over ``code`` (PTX or a cubin) in a temporary file."""
+    with tempfile.NamedTemporaryFile() as file:
+        file.write(code)
+        file.flush()
+        return subprocess.run([str(nvidia_tool(name)), *options, file.name],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+
+
+def opcodes(ptx: str, prefix: str) -> list[str]:
+    """The distinct PTX instructions starting with ``prefix`` (``ld.global``, ``atom.``)."""
+    return sorted({line.split()[1] for line in ptx.splitlines() if prefix in line})
+
+
+def machine_instructions(cubin: bytes) -> int:
+    """How many SASS instructions ``cubin``'s kernel has, by nvdisasm."""
+    sass = run_tool("nvdisasm", cubin, "-c").stdout
     return sum(1 for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/\s+\S", line))
 
 
@@ -125,10 +140,9 @@ def compile_report() -> dict:
 
     from deepcontrol.nn import triton_agc
 
-    ptxas = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin" / "ptxas"
     values = {"N": N, "C": C, "HW": HW, "rows": 1024, **STRIDES}
     tiles = {"BLOCK_HW": 64, "BLOCK_C": 64}
-    sums = tiles | {"BLOCK_N": 16, "FINISH": 64}
+    sums = tiles | {"BLOCK_N": triton_agc.BLOCK_N, "FINISH": triton_agc.FINISH}
     kernels = {
         "sums": (triton_agc._sums_kernel, sums | {"GRAD": False}),
         "sums, grad": (triton_agc._sums_kernel, sums | {"GRAD": True}),
@@ -154,13 +168,7 @@ def compile_report() -> dict:
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": 8})  # fmt: skip
         ptx = compiled.asm["ptx"]
-        ptx_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"agc-{os.getpid()}.ptx"
-        ptx_file.write_text(ptx)
-        ptxas_info = subprocess.run(
-            [str(ptxas), "-v", "-arch=sm_90a", str(ptx_file), "-o", os.devnull],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
-        ptx_file.unlink()
+        ptxas_info = run_tool("ptxas", ptx.encode(), "-v", "-arch=sm_90a", "-o", os.devnull).stderr
         dtypes = {"*bf16": torch.bfloat16, "*fp32": torch.float32, "*i32": torch.int32}
         arguments = {
             name: torch.zeros(1, dtype=dtypes[kind])
@@ -170,10 +178,9 @@ def compile_report() -> dict:
         }
         report[label] = {
             "writes": written_arguments(kernel, arguments),
-            "loads": sorted({line.split()[1] for line in ptx.splitlines() if "ld.global" in line}),
-            "stores": sorted({line.split()[1] for line in ptx.splitlines()
-                              if "st.global" in line}),
-            "atomics": sorted({line.split()[1] for line in ptx.splitlines() if "atom." in line}),
+            "loads": opcodes(ptx, "ld.global"),
+            "stores": opcodes(ptx, "st.global"),
+            "atomics": opcodes(ptx, "atom."),
             "instructions": machine_instructions(compiled.asm["cubin"]),
             "ptxas": " ".join(line.split(":", 1)[-1].strip()
                               for line in ptxas_info.splitlines() if "spill" in line),
@@ -184,8 +191,8 @@ def compile_report() -> dict:
 @pytest.fixture(scope="module")
 def sm90() -> dict:
     """This file run as a script: the kernels' report and the compiled block's graphs."""
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__path__[0]) / "backends" / "nvidia" / "bin" / "ptxas").is_file():
+    pytest.importorskip("triton")
+    if not nvidia_tool("ptxas").is_file():
         pytest.skip("this Triton has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)

@@ -30,6 +30,8 @@ import triton.language as tl
 TILE = 4096  # elements of one program's (positions × channels) tile
 PROGRAMS = 1024  # reduction programs to aim for: several per streaming multiprocessor
 MAX_CHUNKS = 256  # chunks per (sample, channel block): the last program adds them up
+FINISH = 64  # chunks the last program adds per load
+BLOCK_N = 16  # samples the backward's last program adds per load
 # Whether the kernels run under Triton's interpreter: read, as Triton reads it, at import
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
@@ -163,10 +165,10 @@ def _sums_kernel(
             a = tl.where(o <= 0, 0.0, a)
             dot += a * (o - beta)
         total += a
-    at = (chunk * N + n) * C + c
-    tl.store(partial_ptr + at, tl.sum(total, axis=0), mask=c_ok)
+    slot = (chunk * N + n) * C + c  # in partial[k, chunk, n, c]
+    tl.store(partial_ptr + slot, tl.sum(total, axis=0), mask=c_ok)
     if GRAD:
-        tl.store(partial_ptr + chunks * N * C + at, tl.sum(dot, axis=0), mask=c_ok)
+        tl.store(partial_ptr + chunks * N * C + slot, tl.sum(dot, axis=0), mask=c_ok)
     if _last_to_arrive(counts_ptr, n * tl.num_programs(1) + block, chunks):
         all_total = _sum_rows(partial_ptr, chunks, N * C, n, c, c_ok, C, FINISH, BLOCK_C)
         tl.store(sums_ptr + n * C + c, all_total, mask=c_ok)
@@ -245,24 +247,25 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _blocks(channels: int) -> tuple[int, int]:
+def _blocks(channels: int) -> tuple[int, int, int]:
+    """A tile's positions and channels, and how many channel blocks cover ``channels``."""
     block_c = min(64, 1 << (channels - 1).bit_length())
-    return TILE // block_c, block_c
+    return TILE // block_c, block_c, _cdiv(channels, block_c)
 
 
 def _tiles(t: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
     """The grid of ``_agc_relu_kernel`` and ``_agc_relu_grad_kernel`` over ``t``, and blocks."""
     n, c, h, w = t.shape
-    block_hw, block_c = _blocks(c)
-    return (n, _cdiv(c, block_c), _cdiv(h * w, block_hw)), block_hw, block_c
+    block_hw, block_c, c_blocks = _blocks(c)
+    return (n, c_blocks, _cdiv(h * w, block_hw)), block_hw, block_c
 
 
 def _counters(y: torch.Tensor) -> torch.Tensor:
     """Zeroed counters for ``_sums_kernel`` over ``y``, forward and backward: one per (sample,
     channel block), then one per channel block. Each kernel leaves them zeroed again."""
     n, c = y.shape[:2]
-    blocks = _cdiv(c, _blocks(c)[1])
-    return torch.zeros(n * blocks + blocks, device=y.device, dtype=torch.int32)
+    c_blocks = _blocks(c)[2]
+    return torch.zeros(n * c_blocks + c_blocks, device=y.device, dtype=torch.int32)
 
 
 def _sums(
@@ -279,10 +282,9 @@ def _sums(
     float32 sums forward; backward (with ``out`` and the rest), (2, N, C), and λ, γ and β's
     gradients written into ``param_grads``."""
     n, c, h, w = a.shape
-    block_hw, block_c = _blocks(c)
-    c_blocks = _cdiv(c, block_c)
+    block_hw, block_c, c_blocks = _blocks(c)
     chunks = min(_cdiv(h * w, block_hw), _cdiv(PROGRAMS, n * c_blocks), MAX_CHUNKS)
-    rows = _cdiv(_cdiv(h * w, max(1, chunks)), block_hw) * block_hw
+    rows = _cdiv(_cdiv(h * w, chunks), block_hw) * block_hw
     chunks = _cdiv(h * w, rows)
     grad = out is not None
     partial = torch.empty((2 if grad else 1, chunks, n, c), device=a.device, dtype=torch.float32)
@@ -292,7 +294,7 @@ def _sums(
         a, out if grad else a, bias if grad else unused, partial, sums, counts,
         *((y_sums, weight, *param_grads) if grad else (unused,) * 5),
         n, c, h * w, rows, *strides,
-        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_N=16, FINISH=64, GRAD=grad, num_warps=8,
+        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_N=BLOCK_N, FINISH=FINISH, GRAD=grad, num_warps=8,
     )  # fmt: skip
     return sums
 
