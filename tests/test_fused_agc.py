@@ -213,7 +213,7 @@ def test_fused_block_keeps_only_what_the_next_conv_keeps():
     assert blocks["reference"] - blocks["triton"] >= 0.99 * activation  # it keeps y - λm too
 
 
-def test_reference_is_used_off_cuda_and_in_evaluation():
+def test_reference_is_used_off_cuda():
     agc = AutoGainControl2d(4, relu=True)
     y = torch.randn(1, 4, 5, 5, requires_grad=True)
     assert agc(y).grad_fn.name() != "AGCReLUFunctionBackward"
@@ -221,13 +221,32 @@ def test_reference_is_used_off_cuda_and_in_evaluation():
     assert agc(y).grad_fn.name() == "AGCReLUFunctionBackward"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_forward_without_gradients_matches_reference(dtype):
+    """Evaluation runs the fused forward too (on CUDA): under no_grad it saves nothing."""
+    y = (torch.randn(2, 12, 9, 7, generator=torch.Generator().manual_seed(3)) + 0.3).to(DEVICE)
+    y = y.to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got, want = (layer(12, kernels).to(DEVICE)(y) for kernels in ("triton", "reference"))
+    assert got.grad_fn is None and got.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(got, want) <= TOLERANCE[dtype]
+
+
 @pytest.mark.cuda
-def test_auto_runs_the_fused_function_when_training_on_cuda():
+def test_auto_runs_the_fused_function_on_cuda_in_training_and_evaluation(monkeypatch):
+    calls, forward = [], fused_agc.triton_agc.forward
+
+    def counted(*args):
+        calls.append(1)
+        return forward(*args)
+
+    monkeypatch.setattr(fused_agc.triton_agc, "forward", counted)
     agc = AutoGainControl2d(8, relu=True).cuda()
     y = torch.randn(2, 8, 4, 4, device="cuda", requires_grad=True)
     assert agc(y).grad_fn.name() == "AGCReLUFunctionBackward"
     with torch.no_grad():
-        assert agc(y).grad_fn is None  # evaluation: the reference
+        agc.eval()(y)
+    assert len(calls) == 2
 
 
 def test_unknown_kernels_are_refused_clearly():

@@ -24,9 +24,11 @@ class AutoGainControl2d(nn.Module):
     Under autocast it casts its parameters to the activation's dtype rather than
     up-casting the activation. With ``relu=True`` the layer also applies the ReLU that
     follows it, and ``kernels`` picks how: ``"auto"`` runs the fused ``agc_relu`` (Triton
-    kernels, ``deepcontrol.nn.fused_agc``), which saves no activation of its own, when
-    training on CUDA, and this readable reference elsewhere; ``"reference"`` or ``"triton"``
-    force one. Both compute the same values.
+    kernels, ``deepcontrol.nn.fused_agc``) on CUDA, in training and evaluation: it passes
+    over the activation twice where the reference passes five times (the mean, then an op
+    each for λ, γ, β and the ReLU), and in training it saves no activation of its own. It
+    runs this readable reference elsewhere; ``"reference"`` or ``"triton"`` force one.
+    Both compute the same values.
     """
 
     def __init__(
@@ -56,8 +58,7 @@ class AutoGainControl2d(nn.Module):
             )
         kernels = self.kernels
         if kernels == "auto":
-            training_on_cuda = y.is_cuda and torch.is_grad_enabled()
-            kernels = "triton" if training_on_cuda and triton_agc is not None else "reference"
+            kernels = "triton" if y.is_cuda and triton_agc is not None else "reference"
         if self.relu and kernels == "triton":
             return agc_relu(y, self.mean_scale, self.weight, self.bias)
         shape = (1, self.num_channels, 1, 1)
