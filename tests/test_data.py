@@ -13,6 +13,7 @@ from PIL import Image
 from deepcontrol.data import (
     DatasetError,
     DeviceBatches,
+    build_data,
     camvid,
     cityscapes,
     ensure_cache,
@@ -83,6 +84,17 @@ def test_cache_for_other_settings_is_refused(synthetic_root, tmp_path):
     cfg.data.height = 16
     with pytest.raises(DatasetError, match=r"manifest.json: cache was made for other settings"):
         ensure_cache(cfg.data)
+
+
+def test_validation_batch_is_its_own_setting_shared_among_processes(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, tmp_path / "c", "data.batch_size=2", "data.val_batch_size=6")
+    cpu = torch.device("cpu")
+    data = build_data(cfg.data, cpu)
+    assert (data.train.batch_size, data.val.batch_size, len(data.val)) == (2, 6, 2)  # 8 images
+    assert build_data(cfg.data, cpu, rank=1, world_size=2).val.batch_size == 3
+    cfg.data.val_batch_size = 0
+    with pytest.raises(ValueError, match="data.val_batch_size must be at least 1, got 0"):
+        build_data(cfg.data, cpu)
 
 
 def test_loader_visits_every_sample_once_per_epoch():

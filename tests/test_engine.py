@@ -64,6 +64,31 @@ def test_last_steps_gradients_are_freed_before_the_forward():
     assert all(p.grad is not None for p in model.parameters())  # so the check above can fail
 
 
+@pytest.mark.parametrize("norm", ["bn", "agc"])
+def test_validation_metrics_do_not_depend_on_the_validation_batch(norm):
+    """data.val_batch_size changes the speed of validation only (BN evaluates with its
+    running statistics, AGC per sample)."""
+    from deepcontrol.models import SegNet
+
+    torch.manual_seed(0)
+    model = SegNet(num_classes=3, norm=norm, width=4)
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    labels = (images[..., 0] // 86).to(torch.uint8)
+    labels[:, :4] = 255
+    loss_fn = build_loss(compose().loss, class_weights=None)
+    train = DeviceBatches(images, labels, batch_size=5, mean=[128.0] * 3, std=[64.0] * 3)
+    train_one_epoch(model, train, torch.optim.SGD(model.parameters(), lr=0.01), loss_fn)
+    results = []
+    for batch in (1, 2, 5):
+        val = DeviceBatches(images, labels, batch_size=batch, mean=[128.0] * 3, std=[64.0] * 3)
+        results.append(evaluate(model, val, loss_fn, 3, "fp32"))
+    (metrics, iou), *others = results
+    for other_metrics, other_iou in others:
+        assert other_metrics == pytest.approx(metrics, rel=1e-5)
+        torch.testing.assert_close(other_iou, iou)
+    assert 0 < metrics["val_pixel_error"] < 1  # some pixels right and some wrong
+
+
 def test_unknown_precision_is_a_clear_error():
     with pytest.raises(ValueError, match="train.precision must be 'fp32' or 'bf16'"):
         autocast(torch.device("cpu"), "fp16")

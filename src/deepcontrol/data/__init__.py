@@ -42,7 +42,13 @@ def build_data(
 
     ``data.batch_size`` is the global batch: with ``world_size`` processes each takes its
     share of every training batch and evaluates every ``world_size``-th validation sample.
+    Validation runs ``data.val_batch_size`` images at a time (shared out the same way),
+    whatever the training batch: no norm couples samples in evaluation, so it changes the
+    speed, not the metrics, and at training batch 1 a forward per image would bound the
+    epoch by kernel launches.
     """
+    if data_cfg.val_batch_size < 1:
+        raise ValueError(f"data.val_batch_size must be at least 1, got {data_cfg.val_batch_size}")
     cache_dir, manifest = ensure_cache(data_cfg)
     if data_cfg.input_norm == "mean":
         std = [1.0, 1.0, 1.0]  # pixel units: see configs/data/cityscapes.yaml
@@ -57,7 +63,7 @@ def build_data(
         cache_dir, "train", batch_size=data_cfg.batch_size, shuffle=True, hflip=data_cfg.hflip,
         seed=seed, rank=rank, world_size=world_size, **common,
     )  # fmt: skip
-    per_process = max(1, data_cfg.batch_size // world_size)
+    per_process = max(1, data_cfg.val_batch_size // world_size)
     val = DeviceBatches.from_cache(
         cache_dir, "val", part=(rank, world_size), batch_size=per_process, **common
     )
