@@ -17,14 +17,18 @@ pytestmark = pytest.mark.slow
 
 def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
     cfg = Config(height=32, width=64, batches=(1, 2), precisions=("fp32",), modes=("eager",),
-                 warmup=1, steps=2, memory_cap_gib=None, loop_steps=2)  # fmt: skip
+                 warmup=1, steps=2, memory_cap_gib=None, loop_steps=2, val_batch=3)  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
     assert len(report["steps"]) == 8  # bn, agc, agc-naive, none at 2 batches
     assert all(r["ms_per_step"] > 0 and not r["error"] for r in report["steps"])
+    validation = {(r["norm"], r["batch"], r["mode"]) for r in report["validation"]}
+    assert validation == {("bn", 3, "eager"), ("agc", 3, "eager")}
+    assert all(r["ms_per_step"] > 0 and not r["error"] for r in report["validation"])
     assert all(loop["ratio"] > 0 for loop in report["loop"]) and report["targets"] == []
     write_report(report, tmp_path, "pytest")
     text = (tmp_path / "benchmark.md").read_text()
     assert "| fp32 | eager | 2 | agc-naive |" in text and "Targets: not assessed" in text
+    assert "| fp32 | 3 | agc |" in text  # the validation forwards
     environment = json.loads((tmp_path / "benchmark.json").read_text())["environment"]
     assert environment["device"] == "cpu"
     # the commit measured (this checkout's, or $DEEPCONTROL_COMMIT's where there is no git)
@@ -36,13 +40,15 @@ def test_the_code_measured_is_named_by_its_commit(monkeypatch):
     assert benchmark.environment(torch.device("cpu"))["code"] == "fbf3f84"
 
 
-def fake_report(ms: dict, peak: dict, loop_ratio: float = 0.95) -> dict:
+def fake_report(ms: dict, peak: dict, loop_ratio: float = 0.95, val_ms: dict | None = None) -> dict:
     steps = [{"norm": n, "batch": b, "precision": "bf16", "mode": m, "ms_per_step": t,
               "peak_gib": peak.get((n, b), math.nan), "error": ""}
              for (n, b, m), t in ms.items()]  # fmt: skip
+    validation = [{"norm": n, "batch": 16, "precision": "bf16", "mode": "eager",
+                   "ms_per_step": t, "error": ""} for n, t in (val_ms or {}).items()]  # fmt: skip
     config = {"precisions": ["bf16"], "modes": ["eager", "compile", "cudagraphs"],
               "memory_cap_gib": 12.0}  # fmt: skip
-    return {"config": config, "steps": steps,
+    return {"config": config, "steps": steps, "validation": validation,
             "max_batch_under_cap": {"bn": 10, "agc": 14},
             "loop": [{"norm": "agc", "batch": 8, "ratio": loop_ratio}]}  # fmt: skip
 
@@ -69,14 +75,18 @@ def test_targets_are_judged_from_the_measured_ratios():
     assert verdicts["batch 1, bn: best throughput / eager"] == (3.75, True)
     assert verdicts["largest batch under 12.0 GiB: AGC / BN"] == (1.4, True)
     assert verdicts["training loop / bare step, agc, batch 8"] == (0.95, True)
-    # 12 runs of 150 epochs: at 10 ms a step for every batch size
+    # 12 runs of 150 epochs: at 10 ms a step for every batch size, and the slower norm's
+    # 40 ms for each of 32 validation forwards of 16 images (the last one of 4)
     flat = {(n, b, "eager"): 10.0 for n in ("bn", "agc") for b in (1, 4, 8)}
-    hours = figure1_cost(fake_report(flat, {}), "bf16")["gpu_hours"]
-    steps = sum(runs * 150 * (math.ceil(2975 / b) + 500 / b / 3) for b, runs in
-                ((1, 2), (4, 4), (8, 6)))  # fmt: skip
-    assert hours == pytest.approx(steps * 0.01 / 3600)
-    del flat[("agc", 4, "eager")]  # a step that failed: no cost rather than a wrong one
-    assert figure1_cost(fake_report(flat, {}), "bf16") is None
+    val_ms = {"bn": 30.0, "agc": 40.0}
+    hours = figure1_cost(fake_report(flat, {}, val_ms=val_ms), "bf16")["gpu_hours"]
+    seconds = sum(runs * 150 * (math.ceil(2975 / b) * 0.01 + 32 * 0.04) for b, runs in
+                  ((1, 2), (4, 4), (8, 6)))  # fmt: skip
+    assert hours == pytest.approx(seconds / 3600)
+    # a step or validation forward that failed or went unmeasured: no cost, not a wrong one
+    assert figure1_cost(fake_report(flat, {}, val_ms={"bn": 30.0}), "bf16") is None
+    del flat[("agc", 4, "eager")]
+    assert figure1_cost(fake_report(flat, {}, val_ms=val_ms), "bf16") is None
 
 
 def test_compiled_modes_run_only_where_the_targets_look():
@@ -86,6 +96,12 @@ def test_compiled_modes_run_only_where_the_targets_look():
     assert {(s.batch, s.precision) for s in compiled} == {(1, "bf16"), (4, "bf16"), (8, "bf16")}
     assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 9
     assert {s.mode for s in compiled} == {"cudagraphs"}  # plain compile only on request
+
+
+def test_validation_is_timed_at_the_batch_training_validates_with():
+    from deepcontrol.config import compose
+
+    assert Config().val_batch == compose(["data=cityscapes"]).data.val_batch_size
 
 
 def test_agc_variants_run_the_kernels_they_name():
@@ -108,9 +124,11 @@ def test_a_failing_setting_is_recorded_and_the_others_still_run(monkeypatch):
     monkeypatch.setattr(benchmark, "build", build)
     cfg = Config(height=32, width=64, batches=(1,), norms=("agc", "none"),
                  precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
-                 memory_cap_gib=None, loop_steps=2)  # fmt: skip
+                 memory_cap_gib=None, loop_steps=2, val_batch=2)  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
     steps, loop = report["steps"], {row["norm"]: row for row in report["loop"]}
+    validation = {row["norm"]: row for row in report["validation"]}
+    assert validation["agc"]["error"].startswith("failed") and validation["bn"]["ms_per_step"] > 0
     assert steps[0]["error"] == "failed: RuntimeError: triton compile failed"
     assert math.isnan(steps[0]["ms_per_step"]) and steps[1]["ms_per_step"] > 0
     assert loop["agc"]["error"].startswith("failed") and math.isnan(loop["agc"]["ratio"])
@@ -124,13 +142,13 @@ class Cut(Exception):
 def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
     cfg = Config(height=32, width=64, batches=(1, 2), norms=("agc", "none"),
                  precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
-                 memory_cap_gib=None, loop_steps=2)  # fmt: skip
+                 memory_cap_gib=None, loop_steps=2, val_batch=3)  # fmt: skip
     measured = []
     real_measure = benchmark.measure_step
 
-    def counting(setting, *args):
+    def counting(setting, *args, **kwargs):
         measured.append((setting.norm, setting.batch))
-        return real_measure(setting, *args)
+        return real_measure(setting, *args, **kwargs)
 
     monkeypatch.setattr(benchmark, "measure_step", counting)
     saved = []
@@ -143,13 +161,15 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
     with pytest.raises(Cut):
         run_benchmark(cfg, torch.device("cpu"), save=save_then_cut)
     partial = saved[-1]
-    # the targets' batch first, then the loop check (with its bare steps at batch 2), then
-    # the rest of the grid, where the cut came
-    assert measured == [("agc", 1), ("none", 1), ("bn", 2), ("agc", 2), ("agc", 2)]
+    # the targets' batch first, then the validation forwards (at 3 images), the loop check
+    # (with its bare steps at batch 2), then the rest of the grid, where the cut came
+    assert measured == [("agc", 1), ("none", 1), ("bn", 3), ("agc", 3), ("bn", 2), ("agc", 2),
+                        ("agc", 2)]  # fmt: skip
     assert not partial["complete"] and len(partial["steps"]) == 3 and len(partial["loop"]) == 2
     report = run_benchmark(cfg, torch.device("cpu"), previous=partial)
-    assert measured[5:] == [("none", 2)]  # the one step timing the cut run did not take
+    assert measured[7:] == [("none", 2)]  # the one step timing the cut run did not take
     assert report["complete"] and report["reused_steps"] == 3 and report["loop"] == partial["loop"]
+    assert report["validation"] == partial["validation"]
     assert [(r["norm"], r["batch"]) for r in report["steps"]] == [
         ("agc", 1), ("none", 1), ("agc", 2), ("none", 2)]  # fmt: skip
     # a finished report, or one measured another way or on other code, is measured again
@@ -158,22 +178,24 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
                      other_code):  # fmt: skip
         del measured[:]
         run_benchmark(cfg, torch.device("cpu"), previous=previous)
-        assert len(measured) == 6  # 4 step timings and the loop's 2 bare steps
+        assert len(measured) == 8  # 4 step timings, 2 validations and the loop's 2 bare steps
 
 
 def test_past_the_time_limit_nothing_new_starts_and_a_rerun_goes_on(tmp_path):
     cfg = Config(height=32, width=64, batches=(1,), norms=("agc", "none"),
                  precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
-                 memory_cap_gib=None, loop_steps=2, time_limit_s=0)  # fmt: skip
+                 memory_cap_gib=None, loop_steps=2, val_batch=2, time_limit_s=0)  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
     assert report["steps"] == [] and report["loop"] == [] and not report["complete"]
     assert report["unmeasured"] == ["agc 1 fp32 eager", "none 1 fp32 eager",
+                                    "validation fp32 bn", "validation fp32 agc",
                                     "the training-loop check"]  # fmt: skip
     write_report(report, tmp_path, "pytest")
     text = (tmp_path / "benchmark.md").read_text()
     assert "Not measured, the time limit (0 s) having passed: agc 1 fp32 eager;" in text
     done = run_benchmark(replace(cfg, time_limit_s=None), torch.device("cpu"), previous=report)
     assert done["complete"] and done["unmeasured"] == [] and len(done["steps"]) == 2
+    assert len(done["validation"]) == 2
 
 
 def test_profile_says_where_a_step_spends_its_time():

@@ -26,7 +26,7 @@ from torch import nn
 
 from deepcontrol.atomic import write_atomic
 from deepcontrol.data.loader import DeviceBatches
-from deepcontrol.engine import autocast, train_one_epoch
+from deepcontrol.engine import autocast, evaluate, train_one_epoch
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import SegNet
 from deepcontrol.nn import AutoGainControl2d
@@ -42,6 +42,7 @@ TARGET_BATCHES = (1, 8)  # where issue 4's targets are judged
 # Figure 1's runs: (network, batch) per run, 150 epochs of 2975 images + 500 validation each.
 FIG1_RUNS = ((1, 2), (4, 4), (8, 6))  # (batch, how many runs): 12 runs in all
 FIG1_EPOCHS, FIG1_TRAIN, FIG1_VAL = 150, 2975, 500
+PAPER_NORMS = ("bn", "agc")  # the norms the paper compares
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Config:
     steps: int = 30
     memory_cap_gib: float | None = 12.0  # the paper's TitanX
     loop_steps: int = 200
+    val_batch: int = 16  # as training's data.val_batch_size
     # Seconds after which no new measurement starts (a job's or a lease's time limit): the
     # report is still written, lists what went unmeasured, and a rerun goes on from it.
     time_limit_s: float | None = None
@@ -102,7 +104,7 @@ class Config:
         """What a CPU can run in seconds: the code paths, not the numbers."""
         return cls(height=64, width=128, batches=(1, 2), norms=("bn", "agc", "none"),
                    precisions=("fp32",), modes=("eager",), warmup=1, steps=3,
-                   memory_cap_gib=None, loop_steps=4)  # fmt: skip
+                   memory_cap_gib=None, loop_steps=4, val_batch=2)  # fmt: skip
 
 
 def build(norm: str, device: torch.device) -> nn.Module:
@@ -161,6 +163,22 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
     return step
 
 
+def validation_pass(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
+    """One validation forward of SegNet on fixed random data, as training evaluates: the
+    uncompiled network in eval mode without gradients, whatever ``setting.mode``."""
+    torch.manual_seed(0)
+    model = build(setting.norm, device).eval()
+    images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def forward() -> None:
+        with autocast(device, setting.precision):
+            model(images)
+
+    return forward
+
+
 def profile_step(setting: Setting, cfg: Config, device: torch.device, rows: int = 25) -> str:
     """Where one training step's time goes: torch.profiler's table of the ops and kernels of
     ``cfg.steps`` steps after ``cfg.warmup``, the slowest first (device time on a GPU)."""
@@ -180,11 +198,17 @@ def profile_step(setting: Setting, cfg: Config, device: torch.device, rows: int 
     return profiler.key_averages().table(sort_by=sort, row_limit=rows)
 
 
-def measure_step(setting: Setting, cfg: Config, device: torch.device) -> Result:
-    """Median ms of one full SGD step, and peak memory, for ``setting``."""
+def measure_step(
+    setting: Setting,
+    cfg: Config,
+    device: torch.device,
+    work: Callable[[Setting, Config, torch.device], Callable[[], None]] = training_step,
+) -> Result:
+    """Median ms of one full SGD step (or of another ``work``), and peak memory, for
+    ``setting``."""
     result = Result(**asdict(setting))
     try:
-        step = training_step(setting, cfg, device)
+        step = work(setting, cfg, device)
         # Peak memory: eager, over the timed steps, leaving out cuDNN's one-off algorithm
         # search; CUDA graphs, from the start, since their memory is taken when recorded.
         graphs = setting.mode == "cudagraphs"
@@ -239,10 +263,18 @@ def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.de
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
+def measure_validation(norm: str, precision: str, cfg: Config, device: torch.device) -> Result:
+    """Median ms of one validation forward of ``cfg.val_batch`` images (:func:`validation_pass`)."""
+    return measure_step(Setting(norm, cfg.val_batch, precision, "eager"), cfg, device,
+                        work=validation_pass)  # fmt: skip
+
+
 def loop_efficiency(norm: str, batch: int, precision: str, cfg: Config,
                     device: torch.device) -> dict:  # fmt: skip
     """The whole training loop (device-resident uint8 data, normalisation, loss, optimiser,
-    logging syncs) against the bare step on the same batch: images per second of each."""
+    logging syncs, and validation amortised: Figure 1's share of validation images, at
+    ``cfg.val_batch``) against the bare step on the same batch: training images per second
+    of each."""
     row = {"norm": norm, "batch": batch, "precision": precision, "loop_images_per_s": math.nan,
            "bare_step_images_per_s": math.nan, "ratio": math.nan, "error": ""}  # fmt: skip
     try:
@@ -259,10 +291,15 @@ def loop_efficiency(norm: str, batch: int, precision: str, cfg: Config,
 def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
                        device: torch.device) -> float:  # fmt: skip
     samples = batch * cfg.loop_steps
-    images = torch.randint(0, 256, (samples, cfg.height, cfg.width, 3), dtype=torch.uint8)
-    labels = torch.randint(0, 19, (samples, cfg.height, cfg.width), dtype=torch.uint8)
-    batches = DeviceBatches(images, labels, batch, [128.0] * 3, [1.0] * 3, shuffle=True,
-                            device=device)  # fmt: skip
+    val_samples = max(1, round(samples * FIG1_VAL / FIG1_TRAIN))
+
+    def split(n: int, batch_size: int, shuffle: bool) -> DeviceBatches:
+        images = torch.randint(0, 256, (n, cfg.height, cfg.width, 3), dtype=torch.uint8)
+        labels = torch.randint(0, 19, (n, cfg.height, cfg.width), dtype=torch.uint8)
+        return DeviceBatches(images, labels, batch_size, [128.0] * 3, [1.0] * 3,
+                             shuffle=shuffle, device=device)  # fmt: skip
+
+    train, val = split(samples, batch, True), split(val_samples, cfg.val_batch, False)
     torch.manual_seed(0)
     model = build(norm, device)
     optimizer = sgd(model, lr=0.01, momentum=0.9)
@@ -270,11 +307,15 @@ def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
     def loss_fn(outputs, target, contours=None):
         return pixel_cross_entropy(outputs, target)
 
-    train_one_epoch(model, batches, optimizer, loss_fn, precision)  # warm-up epoch
+    def epoch() -> None:
+        train_one_epoch(model, train, optimizer, loss_fn, precision)
+        evaluate(model, val, loss_fn, 19, precision)
+
+    epoch()  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    train_one_epoch(model, batches, optimizer, loss_fn, precision)
+    epoch()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return samples / (time.perf_counter() - started)
@@ -319,7 +360,8 @@ def environment(device: torch.device) -> dict:
 
 
 # What a saved measurement must share with a new one to be reused.
-SAME_MEASUREMENT = ("height", "width", "warmup", "steps", "loop_steps", "memory_cap_gib")
+SAME_MEASUREMENT = ("height", "width", "warmup", "steps", "loop_steps", "memory_cap_gib",
+                    "val_batch")  # fmt: skip
 
 
 def reusable(previous: dict | None, cfg: Config, device: torch.device) -> dict | None:
@@ -344,7 +386,8 @@ def run_benchmark(
     previous: dict | None = None,
     save: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Every step timing of ``cfg``, the memory-cap search and the loop efficiency.
+    """Every step timing of ``cfg``, the validation forwards Figure 1's cost needs, the
+    memory-cap search and the loop efficiency.
 
     Measurements in ``previous`` (see :func:`reusable`) are kept, not taken again; ``save``
     gets the report after each new measurement, marked ``complete: False`` until the end.
@@ -384,8 +427,8 @@ def run_benchmark(
             progress(report)
 
     # What the targets and Figure 1's cost read comes first, cheapest first (eager steps at
-    # Figure 1's batches, the memory cap, the loop, then the minute-long compiles), the rest
-    # of the grid last: a run cut short keeps them.
+    # Figure 1's batches, validation, the memory cap, the loop, then the minute-long
+    # compiles), the rest of the grid last: a run cut short keeps them.
     grid = cfg.settings()
     figure1_batches = {batch for batch, _ in FIG1_RUNS}
     first = [s for s in grid if s.precision == cfg.precisions[0] and s.mode == "eager"
@@ -395,19 +438,32 @@ def run_benchmark(
         key=lambda s: s.batch not in TARGET_BATCHES,
     )
     measure(first)
+    report["validation"] = []
+    saved_validation = {(r["norm"], r["precision"]): r for r in old.get("validation", [])}
+    for precision in cfg.precisions:
+        for norm in PAPER_NORMS:
+            row = saved_validation.get((norm, precision))
+            if not row and in_time(f"validation {precision} {norm}"):
+                result = measure_validation(norm, precision, cfg, device)
+                row = {**asdict(result), "images_per_s": result.images_per_s}
+            if row:
+                print(f"{precision:5s} validation batch {cfg.val_batch:2d} {norm:9s} "
+                      f"{row['ms_per_step']:8.2f} ms {row['error']}", flush=True)  # fmt: skip
+                report["validation"].append(row)
+                progress(report)
     if cfg.memory_cap_gib and device.type == "cuda":
         cap = old.get("max_batch_under_cap")
         if cap or in_time("the memory-cap search"):
             report["max_batch_under_cap"] = cap or {
                 norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
-                for norm in ("bn", "agc")
+                for norm in PAPER_NORMS
             }
             progress(report)
     batch = 8 if 8 in cfg.batches else cfg.batches[-1]
     report["loop"] = old.get("loop") or []
     if not report["loop"] and in_time("the training-loop check"):
         report["loop"] = [loop_efficiency(norm, batch, cfg.precisions[0], cfg, device)
-                          for norm in ("bn", "agc")]  # fmt: skip
+                          for norm in PAPER_NORMS]  # fmt: skip
         progress(report)
     measure(compiled)
     measure([s for s in grid if s not in first and s not in compiled])
@@ -473,7 +529,7 @@ def targets(report: dict) -> list[dict]:
             0.8,
             False,
         )
-    for norm in ("bn", "agc"):
+    for norm in PAPER_NORMS:
         eager = _best(report, norm, 1, precision, ("eager",))
         best = _best(report, norm, 1, precision, MODES)
         add(
@@ -501,20 +557,27 @@ def targets(report: dict) -> list[dict]:
 
 
 def figure1_cost(report: dict, precision: str) -> dict | None:
-    """GPU-hours for Figure 1's 12 runs in ``precision``, from the measured best AGC/BN step
-    times (the slower of the two per batch); None if a step time it needs is missing.
+    """GPU-hours for Figure 1's 12 runs in ``precision``, from the measured best BN and AGC
+    step times and their validation forwards (the slower norm of each); None if a time it
+    needs is missing.
 
-    Each run: 150 epochs of 2975 training images at its batch, plus 500 validation images
-    per epoch (forward only, counted as a third of a training step per image). ClassNet's runs
-    (batch 4) are costed at SegNet's speed, an upper bound since ClassNet has 6× fewer MACs."""
+    Each run: 150 epochs of 2975 training images at its batch, and of 500 validation images
+    at the validation batch (as training evaluates, eager). ClassNet's runs (batch 4) are
+    costed at SegNet's speed, an upper bound since ClassNet has 6× fewer MACs."""
+    validation = [r for r in report.get("validation", [])
+                  if r["precision"] == precision and not r["error"]]  # fmt: skip
+    if {r["norm"] for r in validation} != set(PAPER_NORMS):
+        return None
+    val_ms = max(r["ms_per_step"] for r in validation)
+    val_steps = math.ceil(FIG1_VAL / validation[0]["batch"])
     hours = 0.0
     for batch, runs in FIG1_RUNS:
-        rows = [_best(report, norm, batch, precision, MODES) for norm in ("bn", "agc")]
+        rows = [_best(report, norm, batch, precision, MODES) for norm in PAPER_NORMS]
         if None in rows:  # a step it needs failed or went unmeasured
             return None
-        step = max(row["ms_per_step"] for row in rows)
-        steps = FIG1_EPOCHS * (math.ceil(FIG1_TRAIN / batch) + FIG1_VAL / batch / 3)
-        hours += runs * steps * step / 1000 / 3600
+        step_ms = max(row["ms_per_step"] for row in rows)
+        epoch_ms = math.ceil(FIG1_TRAIN / batch) * step_ms + val_steps * val_ms
+        hours += runs * FIG1_EPOCHS * epoch_ms / 1000 / 3600
     return {"gpu_hours": hours, "runs": sum(r for _, r in FIG1_RUNS), "precision": precision}
 
 
@@ -545,11 +608,29 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
         lines.append(f"| {r['precision']} | {r['mode']} | {r['batch']} | {r['norm']} | "
                      f"{r['ms_per_step']:.2f} | {r['images_per_s']:.1f} | {peak} |"
                      + (f" {r['error']} |" if r["error"] else ""))  # fmt: skip
+    if report.get("validation"):
+        lines += [
+            "",
+            "Validation, as training evaluates (the uncompiled network in eval mode, no "
+            f"gradients), median of {report['config']['steps']} forwards after "
+            f"{report['config']['warmup']}:",
+            "",
+            "| precision | batch | norm | ms/forward | images/s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in report["validation"]:
+            lines.append(
+                f"| {r['precision']} | {r['batch']} | {r['norm']} | "
+                f"{r['ms_per_step']:.2f} | {r['images_per_s']:.1f} |"
+                + (f" {r['error']} |" if r["error"] else "")
+            )
     if "max_batch_under_cap" in report:
         found = ", ".join(f"{k} {'failed (see the log)' if v is None else v}"
                           for k, v in report["max_batch_under_cap"].items())  # fmt: skip
         lines += ["", f"Largest batch under {report['config']['memory_cap_gib']} GiB: {found}"]
-    lines += ["", "| training loop | batch | loop images/s | bare step images/s | ratio |",
+    lines += ["", "The training loop (data, loss, optimiser, logging, and validation of 500 images "
+              "per 2975 trained), against the bare step:", "",
+              "| training loop | batch | loop images/s | bare step images/s | ratio |",
               "|---|---|---|---|---|"]  # fmt: skip
     for loop in report["loop"]:
         lines.append(f"| {loop['norm']} | {loop['batch']} | {loop['loop_images_per_s']:.1f} | "
