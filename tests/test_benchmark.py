@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -35,8 +36,36 @@ def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown \(.*\)", environment["code"])
 
 
-def test_the_code_measured_is_named_by_its_commit(monkeypatch):
-    monkeypatch.setenv("DEEPCONTROL_COMMIT", "fbf3f84")
+def test_the_code_measured_is_named_by_the_last_commit_that_changed_it(tmp_path, monkeypatch):
+    """Committing results or docs leaves the code measured the same, so a benchmark cut
+    short goes on after its partial report is committed; a change to the code does not."""
+    monkeypatch.delenv("DEEPCONTROL_COMMIT", raising=False)
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, capture_output=True, text=True, check=True)  # fmt: skip
+        return done.stdout.strip()
+
+    def commit(path: str, text: str) -> str:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", path)
+        git("commit", "-q", "-m", path)
+        return git("rev-parse", "--short=12", "HEAD")
+
+    git("init", "-q")
+    assert benchmark.code_version(tmp_path).startswith("unknown")  # no commit yet
+    code = commit("src/deepcontrol/kernels.py", "a = 1\n")
+    commit("results/benchmark.json", "{}\n")
+    (tmp_path / "sub").mkdir()
+    assert benchmark.code_version(tmp_path) == benchmark.code_version(tmp_path / "sub") == code
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "bench.py").write_text("")  # untracked: not measured code
+    (tmp_path / "src/deepcontrol/kernels.py").write_text("a = 2\n")
+    assert benchmark.code_version(tmp_path) == code + "-dirty"
+    changed = commit("src/deepcontrol/kernels.py", "a = 2\n")
+    assert benchmark.code_version(tmp_path) == changed != code
+    monkeypatch.setenv("DEEPCONTROL_COMMIT", "fbf3f84")  # a copied tree without git
     assert benchmark.environment(torch.device("cpu"))["code"] == "fbf3f84"
 
 

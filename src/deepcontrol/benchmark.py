@@ -321,21 +321,29 @@ def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
     return samples / (time.perf_counter() - started)
 
 
-def code_version() -> str:
-    """The commit being measured, with ``-dirty`` when tracked files differ from it; where
-    the checkout has no git history (a copied working tree), ``$DEEPCONTROL_COMMIT``."""
+# What a benchmark measures: the package and the script. A commit that changes nothing here
+# (results, docs) leaves the code measured the same, so a run cut short still goes on.
+MEASURED_CODE = (":/src", ":/scripts")
+HERE = Path(__file__).resolve().parent
+
+
+def code_version(where: Path = HERE) -> str:
+    """The last commit that changed the measured code (``MEASURED_CODE``), with ``-dirty``
+    when it has uncommitted changes; where the checkout has no git history (a copied working
+    tree), ``$DEEPCONTROL_COMMIT``. ``where`` is a folder in the checkout."""
     if os.environ.get("DEEPCONTROL_COMMIT"):
         return os.environ["DEEPCONTROL_COMMIT"]
 
     def git(*args: str) -> str:
-        here = Path(__file__).resolve().parent
-        done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True)
+        done = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=True)
         return done.stdout.strip()
 
     try:
-        commit = git("rev-parse", "--short=12", "HEAD")
-        changes = git("status", "--porcelain", "--untracked-files=no")
+        commit = git("log", "-1", "--format=%h", "--abbrev=12", "--", *MEASURED_CODE)
+        changes = git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE)
     except (OSError, subprocess.CalledProcessError):
+        commit = ""
+    if not commit:
         return "unknown (no git history here; set DEEPCONTROL_COMMIT)"
     return commit + ("-dirty" if changes else "")
 
