@@ -142,6 +142,33 @@ def test_a_crash_after_a_checkpoint_resumes(synthetic_root, cache, tmp_path, mon
     assert str(strip) == str(again)
 
 
+def test_compiled_training_matches_eager_and_saves_the_plain_network(
+    synthetic_root, cache, tmp_path, monkeypatch
+):
+    """train.compile: a last batch of another size (a second graph), validation on the
+    uncompiled network between epochs, and checkpoints without torch.compile's key prefix.
+    AOT autograd's eager backend stands in for inductor, whose C++ build takes a minute
+    here: it traces exactly as inductor's input, then runs the same ATen ops as eager."""
+    real_compile = torch.compile
+
+    def aot_eager(model, mode):
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    runs = {}
+    for mode in ("false", "default"):  # 16 images at batch 3: the last batch has 1
+        cfg = tiny_config(synthetic_root, cache, *SIZE, "norm=agc", "data.batch_size=3",
+                          f"train.compile={mode}")  # fmt: skip
+        assert train(cfg, tmp_path / mode)["status"] == "finished"
+        runs[mode] = read_metrics(tmp_path / mode)
+    torch._dynamo.reset()
+    for eager, compiled in zip(runs["false"], runs["default"], strict=True):
+        for key in ("train_loss", "val_loss", "val_pixel_error"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key
+    saved = torch.load(tmp_path / "default" / "last.pt", weights_only=False)["model"]
+    assert saved.keys() == build_model(cfg, num_classes=19).state_dict().keys()
+
+
 def test_finished_run_is_not_trained_again(synthetic_root, cache, tmp_path):
     cfg = tiny_config(synthetic_root, cache, *SIZE, "epochs=1")
     first = train(cfg, tmp_path)
