@@ -75,7 +75,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 def compile_model(model: torch.nn.Module, mode: str | bool) -> torch.nn.Module:
     """``torch.compile`` the training forward (and so backward) for ``train.compile``:
     false, or a mode; ``reduce-overhead`` adds CUDA graphs, which pay off most at small
-    batches where launch overhead dominates."""
+    batches where launch overhead dominates.
+
+    Shapes stay static: an epoch's smaller last batch gets a graph of its own. By default
+    torch.compile would make that second graph dynamic in the batch, and it would then serve
+    every later step, with kernels less specialised than the ones the benchmark times."""
     if not mode:
         return model
     if mode is True:
@@ -84,7 +88,7 @@ def compile_model(model: torch.nn.Module, mode: str | bool) -> torch.nn.Module:
         raise ValueError(
             f"train.compile must be false or one of {', '.join(COMPILE_MODES)}, got {mode!r}"
         )
-    return torch.compile(model, mode=mode)
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 def use_channels_last(setting: str | bool, device: torch.device) -> bool:
