@@ -38,6 +38,7 @@ from deepcontrol.train import compile_model, sgd, use_channels_last
 # plain PyTorch user would write it.
 AGC_KERNELS = {"agc": "auto", "agc-naive": "reference"}
 MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="reduce-overhead")
+COMPILE_MODES = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
 TARGET_BATCHES = (1, 8)  # where issue 4's targets are judged
 # Figure 1's runs: (network, batch) per run, 150 epochs of 2975 images + 500 validation each.
 FIG1_RUNS = ((1, 2), (4, 4), (8, 6))  # (batch, how many runs): 12 runs in all
@@ -139,16 +140,20 @@ def milliseconds(work: Callable[[], None], device: torch.device) -> float:
     return start.elapsed_time(end)
 
 
+def run_as(model: nn.Module, mode: str) -> nn.Module:
+    """``model`` as ``mode`` (one of ``MODES``) runs it, as ``train.compile`` would."""
+    if mode != "eager":
+        torch._dynamo.reset()  # compile afresh: another setting's graphs and guards would
+        # count against the recompile limit
+    return compile_model(model, COMPILE_MODES[mode])
+
+
 def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
     """One full SGD step of SegNet on fixed random data, as ``setting`` runs it."""
     torch.manual_seed(0)
     model = build(setting.norm, device)
     optimizer = sgd(model, lr=0.01, momentum=0.9)
-    mode = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
-    if setting.mode != "eager":
-        torch._dynamo.reset()  # compile afresh: another setting's graphs and guards
-        # would make its shapes dynamic and count against the recompile limit
-    step_model = compile_model(model, mode[setting.mode])
+    step_model = run_as(model, setting.mode)
     images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
@@ -269,28 +274,29 @@ def measure_validation(norm: str, precision: str, cfg: Config, device: torch.dev
                         work=validation_pass)  # fmt: skip
 
 
-def loop_efficiency(norm: str, batch: int, precision: str, cfg: Config,
-                    device: torch.device) -> dict:  # fmt: skip
+def loop_efficiency(setting: Setting, cfg: Config, device: torch.device,
+                    bare: dict | None = None) -> dict:  # fmt: skip
     """The whole training loop (device-resident uint8 data, normalisation, loss, optimiser,
     logging syncs, and validation amortised: Figure 1's share of validation images, at
-    ``cfg.val_batch``) against the bare step on the same batch: training images per second
-    of each."""
-    row = {"norm": norm, "batch": batch, "precision": precision, "loop_images_per_s": math.nan,
-           "bare_step_images_per_s": math.nan, "ratio": math.nan, "error": ""}  # fmt: skip
+    ``cfg.val_batch``, on the uncompiled network) as ``setting`` runs it, against the bare
+    step (``bare``, a report row, or measured here): training images per second of each."""
+    row = {**asdict(setting), "loop_images_per_s": math.nan, "bare_step_images_per_s": math.nan,
+           "ratio": math.nan, "error": ""}  # fmt: skip
     try:
-        row["loop_images_per_s"] = _loop_images_per_s(norm, batch, precision, cfg, device)
+        row["loop_images_per_s"] = _loop_images_per_s(setting, cfg, device)
     except Exception as error:  # as in measure_step
         row["error"] = failure(error)
         return row
-    bare = measure_step(Setting(norm, batch, precision, "eager"), cfg, device)
-    row.update(bare_step_images_per_s=bare.images_per_s, error=bare.error,
-               ratio=row["loop_images_per_s"] / bare.images_per_s)  # fmt: skip
+    if not bare or bare["error"]:
+        result = measure_step(setting, cfg, device)
+        bare = {"images_per_s": result.images_per_s, "error": result.error}
+    row.update(bare_step_images_per_s=bare["images_per_s"], error=bare["error"],
+               ratio=row["loop_images_per_s"] / bare["images_per_s"])  # fmt: skip
     return row
 
 
-def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
-                       device: torch.device) -> float:  # fmt: skip
-    samples = batch * cfg.loop_steps
+def _loop_images_per_s(setting: Setting, cfg: Config, device: torch.device) -> float:
+    samples = setting.batch * cfg.loop_steps
     val_samples = max(1, round(samples * FIG1_VAL / FIG1_TRAIN))
 
     def split(n: int, batch_size: int, shuffle: bool) -> DeviceBatches:
@@ -299,19 +305,20 @@ def _loop_images_per_s(norm: str, batch: int, precision: str, cfg: Config,
         return DeviceBatches(images, labels, batch_size, [128.0] * 3, [1.0] * 3,
                              shuffle=shuffle, device=device)  # fmt: skip
 
-    train, val = split(samples, batch, True), split(val_samples, cfg.val_batch, False)
+    train, val = split(samples, setting.batch, True), split(val_samples, cfg.val_batch, False)
     torch.manual_seed(0)
-    model = build(norm, device)
+    model = build(setting.norm, device)
     optimizer = sgd(model, lr=0.01, momentum=0.9)
+    step_model = run_as(model, setting.mode)
 
     def loss_fn(outputs, target, contours=None):
         return pixel_cross_entropy(outputs, target)
 
-    def epoch() -> None:
-        train_one_epoch(model, train, optimizer, loss_fn, precision)
-        evaluate(model, val, loss_fn, 19, precision)
+    def epoch() -> None:  # as deepcontrol.train runs one
+        train_one_epoch(step_model, train, optimizer, loss_fn, setting.precision)
+        evaluate(model, val, loss_fn, 19, setting.precision)
 
-    epoch()  # warm-up
+    epoch()  # warm-up, and compiling
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -395,7 +402,7 @@ def run_benchmark(
     save: Callable[[dict], None] | None = None,
 ) -> dict:
     """Every step timing of ``cfg``, the validation forwards Figure 1's cost needs, the
-    memory-cap search and the loop efficiency.
+    memory-cap search and the loop efficiency (eager, and with CUDA graphs at batch 1).
 
     Measurements in ``previous`` (see :func:`reusable`) are kept, not taken again; ``save``
     gets the report after each new measurement, marked ``complete: False`` until the end.
@@ -435,8 +442,9 @@ def run_benchmark(
             progress(report)
 
     # What the targets and Figure 1's cost read comes first, cheapest first (eager steps at
-    # Figure 1's batches, validation, the memory cap, the loop, then the minute-long
-    # compiles), the rest of the grid last: a run cut short keeps them.
+    # Figure 1's batches, validation, the memory cap, the eager loop, then the minute-long
+    # compiles and the CUDA-graphed loop), the rest of the grid last: a run cut short keeps
+    # them.
     grid = cfg.settings()
     figure1_batches = {batch for batch, _ in FIG1_RUNS}
     first = [s for s in grid if s.precision == cfg.precisions[0] and s.mode == "eager"
@@ -467,13 +475,28 @@ def run_benchmark(
                 for norm in PAPER_NORMS
             }
             progress(report)
-    batch = 8 if 8 in cfg.batches else cfg.batches[-1]
-    report["loop"] = old.get("loop") or []
-    if not report["loop"] and in_time("the training-loop check"):
-        report["loop"] = [loop_efficiency(norm, batch, cfg.precisions[0], cfg, device)
-                          for norm in PAPER_NORMS]  # fmt: skip
-        progress(report)
+    report["loop"] = []
+    taken_loops = {_key(row): row for row in old.get("loop", [])}
+
+    def check_loop(mode: str, batch: int) -> None:
+        for norm in PAPER_NORMS:
+            setting = Setting(norm, batch, cfg.precisions[0], mode)
+            row = taken_loops.get(_key(asdict(setting)))
+            if not row and in_time(f"the training-loop check, {norm} {batch} {mode}"):
+                bare = _best(report, norm, batch, setting.precision, (mode,))
+                row = loop_efficiency(setting, cfg, device, bare)
+            if row:
+                print(f"{setting.precision:5s} {mode:10s} batch {batch:2d} {norm:9s} loop / "
+                      f"bare step {row['ratio']:.2f} {row['error']}", flush=True)  # fmt: skip
+                report["loop"].append(row)
+                progress(report)
+
+    # Eager at the largest target batch; with CUDA graphs at batch 1, where each step is
+    # shortest and the loop's own host work has the least time to hide in.
+    check_loop("eager", 8 if 8 in cfg.batches else cfg.batches[-1])
     measure(compiled)
+    if any(s.mode == "cudagraphs" and s.batch == 1 for s in compiled):
+        check_loop("cudagraphs", 1)
     measure([s for s in grid if s not in first and s not in compiled])
     order = {_key(asdict(s)): i for i, s in enumerate(grid)}
     report["steps"].sort(key=lambda row: order[_key(row)])
@@ -556,7 +579,7 @@ def targets(report: dict) -> list[dict]:
         )
     for loop in report["loop"]:
         add(
-            f"training loop / bare step, {loop['norm']}, batch {loop['batch']}",
+            f"training loop / bare step, {loop['norm']}, batch {loop['batch']}, {loop['mode']}",
             None if loop.get("error") else loop["ratio"],
             0.9,
             True,
@@ -638,10 +661,11 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
         lines += ["", f"Largest batch under {report['config']['memory_cap_gib']} GiB: {found}"]
     lines += ["", "The training loop (data, loss, optimiser, logging, and validation of 500 images "
               "per 2975 trained), against the bare step:", "",
-              "| training loop | batch | loop images/s | bare step images/s | ratio |",
-              "|---|---|---|---|---|"]  # fmt: skip
+              "| training loop | mode | batch | loop images/s | bare step images/s | ratio |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for loop in report["loop"]:
-        lines.append(f"| {loop['norm']} | {loop['batch']} | {loop['loop_images_per_s']:.1f} | "
+        lines.append(f"| {loop['norm']} | {loop['mode']} | {loop['batch']} | "
+                     f"{loop['loop_images_per_s']:.1f} | "
                      f"{loop['bare_step_images_per_s']:.1f} | {loop['ratio']:.2f} |"
                      + (f" {loop['error']} |" if loop["error"] else ""))  # fmt: skip
     if report["targets"]:
