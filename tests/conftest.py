@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,28 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic Cityscapes (16 train, 8 val frames at 128×256), written once."""
     root = tmp_path_factory.mktemp("synthetic") / "cityscapes"
     return write_synthetic_cityscapes(root, num_train=16, num_val=8, height=128, width=256)
+
+
+@pytest.fixture
+def compile_stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+    """``torch.compile`` with AOT autograd's eager backend in place of inductor, whose C++
+    build takes a minute a graph on this CPU: it traces the model as inductor would receive
+    it, then runs the same ATen ops as eager. Returns, per graph compiled, whether its
+    shapes are dynamic."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    real_compile, dynamic = torch.compile, []
+
+    def recording(graph, example_inputs):
+        dynamic.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
+        return aot_eager(graph, example_inputs)
+
+    def compile_with_stand_in(model, **options):
+        return real_compile(model, **{**options, "mode": None, "backend": recording})
+
+    monkeypatch.setattr(torch, "compile", compile_with_stand_in)
+    yield dynamic
+    torch._dynamo.reset()
 
 
 def tiny_overrides(root: Path, cache: Path) -> list[str]:

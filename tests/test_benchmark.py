@@ -211,21 +211,16 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
         assert len(measured) == 8  # 4 step timings, 2 validations and the loop's 2 bare steps
 
 
-def test_the_loop_is_also_checked_with_cuda_graphs_at_batch_1(monkeypatch):
+def test_the_loop_is_also_checked_with_cuda_graphs_at_batch_1(compile_stand_in):
     """Where each step is shortest, the loop's own host work has the least time to hide
-    in. Its bare step is the grid's. AOT autograd's eager backend stands in for inductor
-    (and so for CUDA graphs), which takes minutes on the CPU."""
-    from torch._dynamo.backends.debugging import aot_eager
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **options: real_compile(
-        model, **{**options, "mode": None, "backend": aot_eager}))  # fmt: skip
+    in. Its bare step is the grid's. (A stand-in compiler replaces inductor and so CUDA
+    graphs.)"""
     cfg = Config(height=32, width=64, batches=(1,), norms=("bn", "agc"), precisions=("fp32",),
                  modes=("eager", "cudagraphs"), compiled_batches=(1,),
                  compiled_precisions=("fp32",), compiled_norms=("bn", "agc"), warmup=1,
                  steps=2, memory_cap_gib=None, loop_steps=2, val_batch=2)  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
-    torch._dynamo.reset()
+    assert compile_stand_in == [False] * 4  # the grid's two steps, the two loops
     loops = {(r["norm"], r["mode"]): r for r in report["loop"]}
     assert set(loops) == {(n, m) for n in ("bn", "agc") for m in ("eager", "cudagraphs")}
     for (norm, mode), loop in loops.items():
