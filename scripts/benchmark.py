@@ -2,7 +2,7 @@
 
 python scripts/benchmark.py [--out results] [--reduced] [--precisions ...] [--modes ...]
     On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-naive/none, bf16 and fp32
-    in eager mode; compiled and CUDA-graphed (bn/agc/none) at batches 1, 4 and 8 in bf16 (20 s
+    in eager mode; compiled and CUDA-graphed (bn/agc/none) at batches 1, 4 and 8 (20 s
     to a minute of compiling each); the validation forward as training runs it (batch 16,
     eval mode); the largest batch under 12 GiB; the training loop, validation included,
     against the bare step (eager at batch 8, CUDA-graphed at batch 1); the issue's targets

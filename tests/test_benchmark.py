@@ -123,8 +123,9 @@ def test_compiled_modes_run_only_where_the_targets_look():
     settings = Config().settings()
     compiled = [s for s in settings if s.mode != "eager"]
     assert len(settings) - len(compiled) == 4 * 4 * 2  # eager: every batch, norm, precision
-    assert {(s.batch, s.precision) for s in compiled} == {(1, "bf16"), (4, "bf16"), (8, "bf16")}
-    assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 9
+    assert {(s.batch, s.precision) for s in compiled} == {
+        (b, p) for b in (1, 4, 8) for p in ("bf16", "fp32")}  # fmt: skip
+    assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 18
     assert {s.mode for s in compiled} == {"cudagraphs"}  # plain compile only on request
 
 
