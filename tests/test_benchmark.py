@@ -252,3 +252,34 @@ def test_profile_says_where_a_step_spends_its_time():
     table = benchmark.profile_step(benchmark.Setting("agc", 1, "fp32", "eager"), cfg,
                                    torch.device("cpu"))  # fmt: skip
     assert "aten::convolution" in table and "Self CPU" in table
+    assert "AGC layers' inputs: " in table
+    assert table.endswith("No AGC Triton kernel ran on a device.")  # the reference, on a CPU
+
+
+def test_agc_kernels_bandwidth_is_their_traffic_over_their_time():
+    from types import SimpleNamespace
+
+    events = [SimpleNamespace(key=key, self_device_time_total=us) for key, us in
+              (("_sums_kernel", 3000.0), ("_agc_relu_grad_kernel_0", 1500.0),
+               ("aten::convolution", 9e9))]  # fmt: skip
+    lines = benchmark.agc_kernel_bandwidth(events, activation_bytes=10**9, steps=3)
+    # sums: 3 GB a step in 1 ms; the backward pass: 3 GB in 0.5 ms; the forward pass: absent
+    assert lines == [
+        "_sums_kernel: 1.000 ms per step for 3.000 GB, 3000 GB/s",
+        "_agc_relu_grad_kernel: 0.500 ms per step for 3.000 GB, 6000 GB/s",
+    ]
+
+
+def test_agc_activation_bytes_scale_with_batch_and_precision():
+    cfg, cpu = Config(height=32, width=64), torch.device("cpu")
+
+    def activation_bytes(batch: int, precision: str) -> int:
+        setting = benchmark.Setting("agc", batch, precision, "eager")
+        return benchmark.agc_activation_bytes(setting, cfg, cpu)
+
+    one, two, half = (
+        activation_bytes(1, "fp32"),
+        activation_bytes(2, "fp32"),
+        activation_bytes(1, "bf16"),
+    )
+    assert one > 0 and two == 2 * one and half * 2 == one

@@ -185,9 +185,51 @@ def validation_pass(setting: Setting, cfg: Config, device: torch.device) -> Call
     return forward
 
 
+# Activation-sized bytes each AGC kernel moves per training step, in units of its layers'
+# input: the sums (forward: y; backward: ∂L/∂out and out), the forward pass (y in, out out)
+# and the backward pass (∂L/∂out and out in, ∂L/∂y out). See deepcontrol.nn.triton_agc.
+AGC_KERNEL_PASSES = {"_sums_kernel": 3, "_agc_relu_kernel": 2, "_agc_relu_grad_kernel": 3}
+
+
+def agc_activation_bytes(setting: Setting, cfg: Config, device: torch.device) -> int:
+    """Bytes of all AGC layers' inputs in one forward of ``setting``'s network and batch."""
+    model = build(setting.norm, device)
+    total = 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        total += inputs[0].numel() * inputs[0].element_size()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, AutoGainControl2d)]  # fmt: skip
+    images = torch.zeros(setting.batch, 3, cfg.height, cfg.width, device=device)
+    with torch.no_grad(), autocast(device, setting.precision):
+        model(images.contiguous(memory_format=torch.channels_last))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def agc_kernel_bandwidth(events: list, activation_bytes: int, steps: int) -> list[str]:
+    """A line per AGC Triton kernel in profiler ``events`` (``key_averages()``): its device
+    time per step, the bytes it must move per step, and so the bandwidth it reached, to set
+    against the GPU's peak."""
+    lines = []
+    for name, passes in AGC_KERNEL_PASSES.items():
+        microseconds = sum(e.self_device_time_total for e in events if name in e.key)
+        if not microseconds:
+            continue
+        seconds = microseconds / 1e6 / steps
+        moved = passes * activation_bytes
+        lines.append(f"{name}: {1000 * seconds:.3f} ms per step for {moved / 1e9:.3f} GB, "
+                     f"{moved / seconds / 1e9:.0f} GB/s")  # fmt: skip
+    return lines
+
+
 def profile_step(setting: Setting, cfg: Config, device: torch.device, rows: int = 25) -> str:
     """Where one training step's time goes: torch.profiler's table of the ops and kernels of
-    ``cfg.steps`` steps after ``cfg.warmup``, the slowest first (device time on a GPU)."""
+    ``cfg.steps`` steps after ``cfg.warmup``, the slowest first (device time on a GPU); then
+    the bandwidth each AGC Triton kernel reached."""
     step = training_step(setting, cfg, device)
     for _ in range(cfg.warmup):
         step()
@@ -201,7 +243,12 @@ def profile_step(setting: Setting, cfg: Config, device: torch.device, rows: int 
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort, row_limit=rows)
+    events = profiler.key_averages()
+    activation_bytes = agc_activation_bytes(setting, cfg, device)
+    bandwidth = agc_kernel_bandwidth(events, activation_bytes, cfg.steps)
+    return "\n".join([events.table(sort_by=sort, row_limit=rows),
+                      f"AGC layers' inputs: {activation_bytes / 1e9:.3f} GB per forward",
+                      *(bandwidth or ["No AGC Triton kernel ran on a device."])])  # fmt: skip
 
 
 def measure_step(
