@@ -20,16 +20,20 @@ def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
     cfg = Config(height=32, width=64, batches=(1, 2), precisions=("fp32",), modes=("eager",),
                  warmup=1, steps=2, memory_cap_gib=None, loop_steps=2, val_batch=3)  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
-    assert len(report["steps"]) == 8  # bn, agc, agc-naive, none at 2 batches
+    # SegNet's bn, agc, agc-naive and none at 2 batches; ClassNet's bn and agc at batch 4,
+    # where Figure 1 trains it
+    networks = [(r["network"], r["batch"]) for r in report["steps"]]
+    assert networks == [("segnet", 1)] * 4 + [("segnet", 2)] * 4 + [("classnet", 4)] * 2
     assert all(r["ms_per_step"] > 0 and not r["error"] for r in report["steps"])
-    validation = {(r["norm"], r["batch"], r["mode"]) for r in report["validation"]}
-    assert validation == {("bn", 3, "eager"), ("agc", 3, "eager")}
+    validation = {(r["network"], r["norm"], r["batch"]) for r in report["validation"]}
+    assert validation == {(n, norm, 3) for n in ("segnet", "classnet") for norm in ("bn", "agc")}
     assert all(r["ms_per_step"] > 0 and not r["error"] for r in report["validation"])
     assert all(loop["ratio"] > 0 for loop in report["loop"]) and report["targets"] == []
     write_report(report, tmp_path, "pytest")
     text = (tmp_path / "benchmark.md").read_text()
-    assert "| fp32 | eager | 2 | agc-naive |" in text and "Targets: not assessed" in text
-    assert "| fp32 | 3 | agc |" in text  # the validation forwards
+    assert "| segnet | fp32 | eager | 2 | agc-naive |" in text and "Targets: not assessed" in text
+    assert "| classnet | fp32 | eager | 4 | agc |" in text
+    assert "| classnet | fp32 | 3 | agc |" in text  # the validation forwards
     environment = json.loads((tmp_path / "benchmark.json").read_text())["environment"]
     assert environment["device"] == "cpu"
     # the commit measured (this checkout's, or $DEEPCONTROL_COMMIT's where there is no git)
@@ -70,11 +74,15 @@ def test_the_code_measured_is_named_by_the_last_commit_that_changed_it(tmp_path,
 
 
 def fake_report(ms: dict, peak: dict, loop_ratio: float = 0.95, val_ms: dict | None = None) -> dict:
-    steps = [{"norm": n, "batch": b, "precision": "bf16", "mode": m, "ms_per_step": t,
-              "peak_gib": peak.get((n, b), math.nan), "error": ""}
-             for (n, b, m), t in ms.items()]  # fmt: skip
-    validation = [{"norm": n, "batch": 16, "precision": "bf16", "mode": "eager",
-                   "ms_per_step": t, "error": ""} for n, t in (val_ms or {}).items()]  # fmt: skip
+    """A report of step times ``ms`` keyed (norm, batch, mode) for SegNet or (network, norm,
+    batch, mode), and validation times ``val_ms`` keyed (network, norm)."""
+    steps = [{"network": net, "norm": n, "batch": b, "precision": "bf16", "mode": m,
+              "ms_per_step": t, "peak_gib": peak.get((n, b), math.nan), "error": ""}
+             for key, t in ms.items()
+             for net, n, b, m in [key if len(key) == 4 else ("segnet", *key)]]  # fmt: skip
+    validation = [{"network": net, "norm": n, "batch": 16, "precision": "bf16",
+                   "mode": "eager", "ms_per_step": t, "error": ""}
+                  for (net, n), t in (val_ms or {}).items()]  # fmt: skip
     config = {"precisions": ["bf16"], "modes": ["eager", "compile", "cudagraphs"],
               "memory_cap_gib": 12.0}  # fmt: skip
     return {"config": config, "steps": steps, "validation": validation,
@@ -105,28 +113,39 @@ def test_targets_are_judged_from_the_measured_ratios():
     assert verdicts["batch 1, bn: best throughput / eager"] == (3.75, True)
     assert verdicts["largest batch under 12.0 GiB: AGC / BN"] == (1.4, True)
     assert verdicts["training loop / bare step, agc, batch 8, eager"] == (0.95, True)
-    # 12 runs of 150 epochs: at 10 ms a step for every batch size, and the slower norm's
-    # 40 ms for each of 32 validation forwards of 16 images (the last one of 4)
+    # 12 runs of 150 epochs: SegNet at 10 ms a step for every batch size, ClassNet (two runs
+    # at batch 4) at 4 ms, and for each of 32 validation forwards of 16 images (the last one
+    # of 4) the slower norm's: SegNet's 40 ms, ClassNet's 12
     flat = {(n, b, "eager"): 10.0 for n in ("bn", "agc") for b in (1, 4, 8)}
-    val_ms = {"bn": 30.0, "agc": 40.0}
+    flat |= {("classnet", n, 4, "eager"): 4.0 for n in ("bn", "agc")}
+    val_ms = {("segnet", "bn"): 30.0, ("segnet", "agc"): 40.0,
+              ("classnet", "bn"): 12.0, ("classnet", "agc"): 11.0}  # fmt: skip
     hours = figure1_cost(fake_report(flat, {}, val_ms=val_ms), "bf16")["gpu_hours"]
-    seconds = sum(runs * 150 * (math.ceil(2975 / b) * 0.01 + 32 * 0.04) for b, runs in
-                  ((1, 2), (4, 4), (8, 6)))  # fmt: skip
-    assert hours == pytest.approx(seconds / 3600)
-    # a step or validation forward that failed or went unmeasured: no cost, not a wrong one
-    assert figure1_cost(fake_report(flat, {}, val_ms={"bn": 30.0}), "bf16") is None
-    del flat[("agc", 4, "eager")]
+    segnet = sum(runs * 150 * (math.ceil(2975 / b) * 0.01 + 32 * 0.04) for b, runs in
+                 ((1, 2), (4, 2), (8, 6)))  # fmt: skip
+    classnet = 2 * 150 * (math.ceil(2975 / 4) * 0.004 + 32 * 0.012)
+    assert hours == pytest.approx((segnet + classnet) / 3600)
+    # a time that failed or went unmeasured: no cost, not a wrong one
+    del val_ms[("classnet", "agc")]
+    assert figure1_cost(fake_report(flat, {}, val_ms=val_ms), "bf16") is None
+    val_ms[("classnet", "agc")] = 11.0
+    del flat[("classnet", "agc", 4, "eager")]
     assert figure1_cost(fake_report(flat, {}, val_ms=val_ms), "bf16") is None
 
 
 def test_compiled_modes_run_only_where_the_targets_look():
     settings = Config().settings()
-    compiled = [s for s in settings if s.mode != "eager"]
-    assert len(settings) - len(compiled) == 4 * 4 * 2  # eager: every batch, norm, precision
+    segnet = [s for s in settings if s.network == "segnet"]
+    compiled = [s for s in segnet if s.mode != "eager"]
+    assert len(segnet) - len(compiled) == 4 * 4 * 2  # eager: every batch, norm, precision
     assert {(s.batch, s.precision) for s in compiled} == {
         (b, p) for b in (1, 4, 8) for p in ("bf16", "fp32")}  # fmt: skip
     assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 18
     assert {s.mode for s in compiled} == {"cudagraphs"}  # plain compile only on request
+    # ClassNet: BN and AGC at Figure 1's batch 4, each precision, eager and CUDA-graphed
+    classnet = {(s.norm, s.batch, s.precision, s.mode) for s in settings if s not in segnet}
+    assert classnet == {(n, 4, p, m) for n in ("bn", "agc") for p in ("bf16", "fp32")
+                        for m in ("eager", "cudagraphs")}  # fmt: skip
 
 
 def test_validation_is_timed_at_the_batch_training_validates_with():
@@ -155,7 +174,7 @@ def test_a_failing_setting_is_recorded_and_the_others_still_run(monkeypatch):
     monkeypatch.setattr(benchmark, "build", build)
     cfg = Config(height=32, width=64, batches=(1,), norms=("agc", "none"),
                  precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
-                 memory_cap_gib=None, loop_steps=2, val_batch=2)  # fmt: skip
+                 memory_cap_gib=None, loop_steps=2, val_batch=2, networks=("segnet",))  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
     steps, loop = report["steps"], {row["norm"]: row for row in report["loop"]}
     validation = {row["norm"]: row for row in report["validation"]}
@@ -173,7 +192,7 @@ class Cut(Exception):
 def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
     cfg = Config(height=32, width=64, batches=(1, 2), norms=("agc", "none"),
                  precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
-                 memory_cap_gib=None, loop_steps=2, val_batch=3)  # fmt: skip
+                 memory_cap_gib=None, loop_steps=2, val_batch=3, networks=("segnet",))  # fmt: skip
     measured = []
     real_measure = benchmark.measure_step
 
@@ -219,7 +238,8 @@ def test_the_loop_is_also_checked_with_cuda_graphs_at_batch_1(compile_stand_in):
     cfg = Config(height=32, width=64, batches=(1,), norms=("bn", "agc"), precisions=("fp32",),
                  modes=("eager", "cudagraphs"), compiled_batches=(1,),
                  compiled_precisions=("fp32",), compiled_norms=("bn", "agc"), warmup=1,
-                 steps=2, memory_cap_gib=None, loop_steps=2, val_batch=2)  # fmt: skip
+                 steps=2, memory_cap_gib=None, loop_steps=2, val_batch=2,
+                 networks=("segnet",))  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
     assert compile_stand_in == [False] * 4  # the grid's two steps, the two loops
     loops = {(r["norm"], r["mode"]): r for r in report["loop"]}
@@ -232,13 +252,14 @@ def test_the_loop_is_also_checked_with_cuda_graphs_at_batch_1(compile_stand_in):
 def test_past_the_time_limit_nothing_new_starts_and_a_rerun_goes_on(tmp_path):
     cfg = Config(height=32, width=64, batches=(1,), norms=("agc", "none"),
                  precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
-                 memory_cap_gib=None, loop_steps=2, val_batch=2, time_limit_s=0)  # fmt: skip
+                 memory_cap_gib=None, loop_steps=2, val_batch=2, time_limit_s=0,
+                 networks=("segnet",))  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
     assert report["steps"] == [] and report["loop"] == [] and not report["complete"]
     assert report["unmeasured"] == ["agc 1 fp32 eager", "none 1 fp32 eager",
-                                    "validation fp32 bn", "validation fp32 agc",
-                                    "the training-loop check, bn 1 eager",
-                                    "the training-loop check, agc 1 eager"]  # fmt: skip
+                                    "validation bn 2 fp32 eager", "validation agc 2 fp32 eager",
+                                    "the training-loop check, bn 1 fp32 eager",
+                                    "the training-loop check, agc 1 fp32 eager"]  # fmt: skip
     write_report(report, tmp_path, "pytest")
     text = (tmp_path / "benchmark.md").read_text()
     assert "Not measured, the time limit (0 s) having passed: agc 1 fp32 eager;" in text

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from deepcontrol.atomic import write_atomic
+from deepcontrol.config import compose
 from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.engine import autocast, evaluate, train_one_epoch
-from deepcontrol.losses import pixel_cross_entropy
-from deepcontrol.models import SegNet
+from deepcontrol.losses import LossFn, build_loss
+from deepcontrol.models import MODELS
 from deepcontrol.nn import AutoGainControl2d
 from deepcontrol.nn.fused_agc import triton_agc
 from deepcontrol.train import compile_model, sgd, use_channels_last
@@ -40,8 +41,9 @@ AGC_KERNELS = {"agc": "auto", "agc-naive": "reference"}
 MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="reduce-overhead")
 COMPILE_MODES = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
 TARGET_BATCHES = (1, 8)  # where issue 4's targets are judged
-# Figure 1's runs: (network, batch) per run, 150 epochs of 2975 images + 500 validation each.
-FIG1_RUNS = ((1, 2), (4, 4), (8, 6))  # (batch, how many runs): 12 runs in all
+# Figure 1's 12 runs, as (network, batch, how many runs), each 150 epochs of 2975 training
+# and 500 validation images.
+FIG1_RUNS = (("segnet", 1, 2), ("segnet", 4, 2), ("classnet", 4, 2), ("segnet", 8, 6))
 FIG1_EPOCHS, FIG1_TRAIN, FIG1_VAL = 150, 2975, 500
 PAPER_NORMS = ("bn", "agc")  # the norms the paper compares
 
@@ -52,6 +54,7 @@ class Setting:
     batch: int
     precision: str
     mode: str
+    network: str = "segnet"
 
 
 @dataclass
@@ -88,18 +91,31 @@ class Config:
     # Seconds after which no new measurement starts (a job's or a lease's time limit): the
     # report is still written, lists what went unmeasured, and a rerun goes on from it.
     time_limit_s: float | None = None
+    # SegNet's grid above; the other networks only where Figure 1 trains them (ClassNet at
+    # batch 4), with BN and AGC, for its cost
+    networks: tuple[str, ...] = ("segnet", "classnet")
 
     def settings(self) -> list[Setting]:
-        """Every (precision, mode, batch, norm) to time, compiled ones only where asked."""
+        """Every (precision, mode, batch, norm) to time, compiled ones only where asked;
+        then every other network's at its Figure 1 batches."""
         out = []
         for precision in self.precisions:
             for mode in self.modes:
                 for batch in self.batches:
                     if mode == "eager":
                         out += [Setting(norm, batch, precision, mode) for norm in self.norms]
-                    elif batch in self.compiled_batches and precision in self.compiled_precisions:
+                    elif self.compiles(batch, precision):
                         out += [Setting(n, batch, precision, mode) for n in self.compiled_norms]
+        for network, batch, _ in FIG1_RUNS:
+            if network == "segnet" or network not in self.networks:
+                continue
+            out += [Setting(norm, batch, precision, mode, network) for precision in self.precisions
+                    for mode in self.modes if mode == "eager" or self.compiles(batch, precision)
+                    for norm in PAPER_NORMS]  # fmt: skip
         return out
+
+    def compiles(self, batch: int, precision: str) -> bool:
+        return batch in self.compiled_batches and precision in self.compiled_precisions
 
     @classmethod
     def reduced(cls) -> Config:
@@ -109,8 +125,9 @@ class Config:
                    memory_cap_gib=None, loop_steps=4, val_batch=2)  # fmt: skip
 
 
-def build(norm: str, device: torch.device) -> nn.Module:
-    model = SegNet(num_classes=19, norm="agc" if norm in AGC_KERNELS else norm).to(device)
+def build(norm: str, device: torch.device, network: str = "segnet") -> nn.Module:
+    model = MODELS[network](num_classes=19, norm="agc" if norm in AGC_KERNELS else norm)
+    model = model.to(device)
     for module in model.modules():
         if isinstance(module, AutoGainControl2d):
             module.kernels = AGC_KERNELS[norm]
@@ -149,20 +166,28 @@ def run_as(model: nn.Module, mode: str) -> nn.Module:
     return compile_model(model, COMPILE_MODES[mode])
 
 
+def training_loss() -> LossFn:
+    """Training's objective with the default loss settings and no class weights: the pixel
+    cross-entropy, plus ClassNet's contour loss for a network with a contour output."""
+    return build_loss(compose().loss, class_weights=None)
+
+
 def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
-    """One full SGD step of SegNet on fixed random data, as ``setting`` runs it."""
+    """One full SGD step of ``setting``'s network on fixed random data, as it runs it."""
     torch.manual_seed(0)
-    model = build(setting.norm, device)
+    model = build(setting.norm, device, setting.network)
     optimizer = sgd(model, lr=0.01, momentum=0.9)
     step_model = run_as(model, setting.mode)
+    loss_fn = training_loss()
     images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
+    contours = (torch.rand(setting.batch, cfg.height, cfg.width, device=device) < 0.1).float()
 
     def step() -> None:  # as engine.train_one_epoch takes it
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, setting.precision):
-            loss = pixel_cross_entropy(step_model(images), labels)
+            loss = loss_fn(step_model(images), labels, contours)
         loss.backward()
         optimizer.step()
 
@@ -170,10 +195,10 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
 
 
 def validation_pass(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
-    """One validation forward of SegNet on fixed random data, as training evaluates: the
-    uncompiled network in eval mode without gradients, whatever ``setting.mode``."""
+    """One validation forward of ``setting``'s network on fixed random data, as training
+    evaluates: the uncompiled network in eval mode without gradients, whatever the mode."""
     torch.manual_seed(0)
-    model = build(setting.norm, device).eval()
+    model = build(setting.norm, device, setting.network).eval()
     images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
 
@@ -316,10 +341,12 @@ def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.de
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
-def measure_validation(norm: str, precision: str, cfg: Config, device: torch.device) -> Result:
+def measure_validation(
+    norm: str, precision: str, cfg: Config, device: torch.device, network: str = "segnet"
+) -> Result:
     """Median ms of one validation forward of ``cfg.val_batch`` images (:func:`validation_pass`)."""
-    return measure_step(Setting(norm, cfg.val_batch, precision, "eager"), cfg, device,
-                        work=validation_pass)  # fmt: skip
+    setting = Setting(norm, cfg.val_batch, precision, "eager", network)
+    return measure_step(setting, cfg, device, work=validation_pass)
 
 
 def loop_efficiency(setting: Setting, cfg: Config, device: torch.device,
@@ -355,12 +382,10 @@ def _loop_images_per_s(setting: Setting, cfg: Config, device: torch.device) -> f
 
     train, val = split(samples, setting.batch, True), split(val_samples, cfg.val_batch, False)
     torch.manual_seed(0)
-    model = build(setting.norm, device)
+    model = build(setting.norm, device, setting.network)
     optimizer = sgd(model, lr=0.01, momentum=0.9)
     step_model = run_as(model, setting.mode)
-
-    def loss_fn(outputs, target, contours=None):
-        return pixel_cross_entropy(outputs, target)
+    loss_fn = training_loss()
 
     def epoch() -> None:  # as deepcontrol.train runs one
         train_one_epoch(step_model, train, optimizer, loss_fn, setting.precision)
@@ -474,7 +499,7 @@ def run_benchmark(
     def measure(settings: list[Setting]) -> None:
         for setting in settings:
             saved = taken.get(_key(asdict(setting)))
-            if not saved and not in_time(" ".join(map(str, _key(asdict(setting))))):
+            if not saved and not in_time(_label(setting)):
                 continue
             if saved:
                 row = saved
@@ -483,8 +508,7 @@ def run_benchmark(
                 result = measure_step(setting, cfg, device)
                 row = {**asdict(result), "images_per_s": result.images_per_s}
             note = "  (saved earlier)" if saved else ""
-            print(f"{setting.precision:5s} {setting.mode:10s} batch {setting.batch:2d} "
-                  f"{setting.norm:9s} {row['ms_per_step']:8.2f} ms  {row['peak_gib']:6.2f} GiB "
+            print(f"{_label(setting):32s} {row['ms_per_step']:8.2f} ms  {row['peak_gib']:6.2f} GiB "
                   f"peak {row['error']}{note}", flush=True)  # fmt: skip
             report["steps"].append(row)
             progress(report)
@@ -494,27 +518,29 @@ def run_benchmark(
     # compiles and the CUDA-graphed loop), the rest of the grid last: a run cut short keeps
     # them.
     grid = cfg.settings()
-    figure1_batches = {batch for batch, _ in FIG1_RUNS}
+    figure1 = {(network, batch) for network, batch, _ in FIG1_RUNS}
     first = [s for s in grid if s.precision == cfg.precisions[0] and s.mode == "eager"
-             and s.batch in figure1_batches]  # fmt: skip
-    compiled = sorted(  # the targets' batches before Figure 1's other one
+             and (s.network, s.batch) in figure1]  # fmt: skip
+    compiled = sorted(  # the targets' batches first, then Figure 1's others
         (s for s in grid if s.precision == cfg.precisions[0] and s.mode != "eager"),
-        key=lambda s: s.batch not in TARGET_BATCHES,
+        key=lambda s: (s.batch not in TARGET_BATCHES, s.network != "segnet"),
     )
     measure(first)
     report["validation"] = []
-    saved_validation = {(r["norm"], r["precision"]): r for r in old.get("validation", [])}
+    saved_validation = {_key(r): r for r in old.get("validation", [])}
     for precision in cfg.precisions:
-        for norm in PAPER_NORMS:
-            row = saved_validation.get((norm, precision))
-            if not row and in_time(f"validation {precision} {norm}"):
-                result = measure_validation(norm, precision, cfg, device)
-                row = {**asdict(result), "images_per_s": result.images_per_s}
-            if row:
-                print(f"{precision:5s} validation batch {cfg.val_batch:2d} {norm:9s} "
-                      f"{row['ms_per_step']:8.2f} ms {row['error']}", flush=True)  # fmt: skip
-                report["validation"].append(row)
-                progress(report)
+        for network in dict.fromkeys(n for n, _, _ in FIG1_RUNS if n in cfg.networks):
+            for norm in PAPER_NORMS:
+                setting = Setting(norm, cfg.val_batch, precision, "eager", network)
+                row = saved_validation.get(_key(asdict(setting)))
+                if not row and in_time(f"validation {_label(setting)}"):
+                    result = measure_validation(norm, precision, cfg, device, network)
+                    row = {**asdict(result), "images_per_s": result.images_per_s}
+                if row:
+                    print(f"validation {_label(setting):21s} {row['ms_per_step']:8.2f} ms "
+                          f"{row['error']}", flush=True)  # fmt: skip
+                    report["validation"].append(row)
+                    progress(report)
     if cfg.memory_cap_gib and device.type == "cuda":
         cap = old.get("max_batch_under_cap")
         if cap or in_time("the memory-cap search"):
@@ -530,12 +556,12 @@ def run_benchmark(
         for norm in PAPER_NORMS:
             setting = Setting(norm, batch, cfg.precisions[0], mode)
             row = taken_loops.get(_key(asdict(setting)))
-            if not row and in_time(f"the training-loop check, {norm} {batch} {mode}"):
+            if not row and in_time(f"the training-loop check, {_label(setting)}"):
                 bare = _best(report, norm, batch, setting.precision, (mode,))
                 row = loop_efficiency(setting, cfg, device, bare)
             if row:
-                print(f"{setting.precision:5s} {mode:10s} batch {batch:2d} {norm:9s} loop / "
-                      f"bare step {row['ratio']:.2f} {row['error']}", flush=True)  # fmt: skip
+                print(f"{_label(setting):32s} loop / bare step {row['ratio']:.2f} "
+                      f"{row['error']}", flush=True)  # fmt: skip
                 report["loop"].append(row)
                 progress(report)
 
@@ -557,12 +583,20 @@ def run_benchmark(
 
 
 def _key(row: dict) -> tuple:
-    return row["norm"], row["batch"], row["precision"], row["mode"]
+    return row.get("network", "segnet"), row["norm"], row["batch"], row["precision"], row["mode"]
 
 
-def _best(report: dict, norm: str, batch: int, precision: str, modes: tuple[str, ...]) -> dict:
-    rows = [r for r in report["steps"] if (r["norm"], r["batch"], r["precision"]) ==
-            (norm, batch, precision) and r["mode"] in modes and not r["error"]]  # fmt: skip
+def _label(setting: Setting) -> str:
+    """``setting`` for the log: "bn 8 bf16 eager", the network named unless SegNet."""
+    network = "" if setting.network == "segnet" else f"{setting.network} "
+    return f"{network}{setting.norm} {setting.batch} {setting.precision} {setting.mode}"
+
+
+def _best(report: dict, norm: str, batch: int, precision: str, modes: tuple[str, ...],
+          network: str = "segnet") -> dict | None:  # fmt: skip
+    """The fastest of ``report``'s step rows for that setting in any of ``modes``."""
+    rows = [r for r in report["steps"] if _key(r)[:4] == (network, norm, batch, precision)
+            and r["mode"] in modes and not r["error"]]  # fmt: skip
     return min(rows, key=lambda r: r["ms_per_step"]) if rows else None
 
 
@@ -636,28 +670,27 @@ def targets(report: dict) -> list[dict]:
 
 
 def figure1_cost(report: dict, precision: str) -> dict | None:
-    """GPU-hours for Figure 1's 12 runs in ``precision``, from the measured best BN and AGC
-    step times and their validation forwards (the slower norm of each); None if a time it
-    needs is missing.
+    """GPU-hours for Figure 1's 12 runs in ``precision``, from each network's measured best
+    BN and AGC step times at the run's batch and their validation forwards (the slower norm
+    of each); None if a time it needs is missing.
 
     Each run: 150 epochs of 2975 training images at its batch, and of 500 validation images
-    at the validation batch (as training evaluates, eager). ClassNet's runs (batch 4) are
-    costed at SegNet's speed, an upper bound since ClassNet has 6× fewer MACs."""
-    validation = [r for r in report.get("validation", [])
-                  if r["precision"] == precision and not r["error"]]  # fmt: skip
-    if {r["norm"] for r in validation} != set(PAPER_NORMS):
-        return None
-    val_ms = max(r["ms_per_step"] for r in validation)
-    val_steps = math.ceil(FIG1_VAL / validation[0]["batch"])
+    at the validation batch (as training evaluates, eager)."""
     hours = 0.0
-    for batch, runs in FIG1_RUNS:
-        rows = [_best(report, norm, batch, precision, MODES) for norm in PAPER_NORMS]
-        if None in rows:  # a step it needs failed or went unmeasured
-            return None
-        step_ms = max(row["ms_per_step"] for row in rows)
+    for network, batch, runs in FIG1_RUNS:
+        steps = [_best(report, norm, batch, precision, MODES, network) for norm in PAPER_NORMS]
+        validation = [r for r in report.get("validation", [])
+                      if _key(r)[0] == network and r["precision"] == precision
+                      and not r["error"]]  # fmt: skip
+        if None in steps or {r["norm"] for r in validation} != set(PAPER_NORMS):
+            return None  # a time it needs failed or went unmeasured
+        step_ms = max(row["ms_per_step"] for row in steps)
+        val_ms = max(r["ms_per_step"] for r in validation)
+        val_steps = math.ceil(FIG1_VAL / validation[0]["batch"])
         epoch_ms = math.ceil(FIG1_TRAIN / batch) * step_ms + val_steps * val_ms
         hours += runs * FIG1_EPOCHS * epoch_ms / 1000 / 3600
-    return {"gpu_hours": hours, "runs": sum(r for _, r in FIG1_RUNS), "precision": precision}
+    return {"gpu_hours": hours, "runs": sum(runs for *_, runs in FIG1_RUNS),
+            "precision": precision}  # fmt: skip
 
 
 def save_json(report: dict, path: Path) -> None:
@@ -669,7 +702,7 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
     """``benchmark.json`` (everything) and ``benchmark.md`` (tables, targets, cost)."""
     save_json(report, out_dir / "benchmark.json")
     env = report["environment"]
-    lines = ["# Training-step benchmark: SegNet", "",
+    lines = ["# Training-step benchmark: SegNet (and ClassNet where Figure 1 trains it)", "",
              f"Command: `{command}`", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              f"Input {report['config']['height']}×{report['config']['width']}, full SGD step, "
@@ -680,12 +713,12 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
              *([f"{report['reused_steps']} of {len(report['steps'])} step timings were taken by "
                 "an earlier, interrupted invocation on the same device and software.", ""]
                if report["reused_steps"] else []),
-             "| precision | mode | batch | norm | ms/step | images/s | peak GiB |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| network | precision | mode | batch | norm | ms/step | images/s | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["steps"]:
         peak = "—" if math.isnan(r["peak_gib"]) else f"{r['peak_gib']:.2f}"
-        lines.append(f"| {r['precision']} | {r['mode']} | {r['batch']} | {r['norm']} | "
-                     f"{r['ms_per_step']:.2f} | {r['images_per_s']:.1f} | {peak} |"
+        lines.append(f"| {_key(r)[0]} | {r['precision']} | {r['mode']} | {r['batch']} | "
+                     f"{r['norm']} | {r['ms_per_step']:.2f} | {r['images_per_s']:.1f} | {peak} |"
                      + (f" {r['error']} |" if r["error"] else ""))  # fmt: skip
     if report.get("validation"):
         lines += [
@@ -694,12 +727,12 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
             f"gradients), median of {report['config']['steps']} forwards after "
             f"{report['config']['warmup']}:",
             "",
-            "| precision | batch | norm | ms/forward | images/s |",
-            "|---|---|---|---|---|",
+            "| network | precision | batch | norm | ms/forward | images/s |",
+            "|---|---|---|---|---|---|",
         ]
         for r in report["validation"]:
             lines.append(
-                f"| {r['precision']} | {r['batch']} | {r['norm']} | "
+                f"| {_key(r)[0]} | {r['precision']} | {r['batch']} | {r['norm']} | "
                 f"{r['ms_per_step']:.2f} | {r['images_per_s']:.1f} |"
                 + (f" {r['error']} |" if r["error"] else "")
             )
