@@ -4,9 +4,9 @@ python scripts/benchmark.py [--out results] [--reduced] [--precisions ...] [--mo
     On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-naive/none, bf16 and fp32
     in eager mode; compiled and CUDA-graphed (bn/agc/none) at batches 1, 4 and 8 (20 s
     to a minute of compiling each); ClassNet (bn/agc) at batch 4, where Figure 1 trains it;
-    the validation forward as training runs it (batch 16, eval mode); the largest batch under 12 GiB; the training loop, validation included,
-    against the bare step (eager at batch 8, CUDA-graphed at batch 1); the issue's targets
-    and Figure 1's GPU-hours.
+    the validation forward as training runs it (batch 16, eval mode); the largest batch
+    under 12 GiB; the training loop, validation included, against the bare step (eager at
+    batch 8, CUDA-graphed at batch 1); the issue's targets and Figure 1's GPU-hours.
     Without a GPU (or with --reduced) a small grid on the CPU. Writes OUT/benchmark.md and
     OUT/benchmark.json. With --time-limit, nothing new starts after that many seconds; the
     report says what is left, and the same command goes on from it.
