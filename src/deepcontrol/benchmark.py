@@ -115,6 +115,7 @@ class Config:
         return out
 
     def compiles(self, batch: int, precision: str) -> bool:
+        """Whether compiled modes are timed at this batch and precision."""
         return batch in self.compiled_batches and precision in self.compiled_precisions
 
     @classmethod
