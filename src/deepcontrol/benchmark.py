@@ -219,7 +219,7 @@ AGC_KERNEL_PASSES = {"_sums_kernel": 3, "_agc_relu_kernel": 2, "_agc_relu_grad_k
 
 def agc_activation_bytes(setting: Setting, cfg: Config, device: torch.device) -> int:
     """Bytes of all AGC layers' inputs in one forward of ``setting``'s network and batch."""
-    model = build(setting.norm, device)
+    model = build(setting.norm, device, setting.network)
     total = 0
 
     def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -342,12 +342,9 @@ def max_batch_under_cap(norm: str, precision: str, cfg: Config, device: torch.de
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
-def measure_validation(
-    norm: str, precision: str, cfg: Config, device: torch.device, network: str = "segnet"
-) -> Result:
-    """Median ms of one validation forward of ``cfg.val_batch`` images (:func:`validation_pass`)."""
-    setting = Setting(norm, cfg.val_batch, precision, "eager", network)
-    return measure_step(setting, cfg, device, work=validation_pass)
+def _row(result: Result) -> dict:
+    """A report row: ``result`` and its images per second."""
+    return {**asdict(result), "images_per_s": result.images_per_s}
 
 
 def loop_efficiency(setting: Setting, cfg: Config, device: torch.device,
@@ -363,9 +360,8 @@ def loop_efficiency(setting: Setting, cfg: Config, device: torch.device,
     except Exception as error:  # as in measure_step
         row["error"] = failure(error)
         return row
-    if not bare or bare["error"]:
-        result = measure_step(setting, cfg, device)
-        bare = {"images_per_s": result.images_per_s, "error": result.error}
+    if bare is None:  # not in the grid, or failed there
+        bare = _row(measure_step(setting, cfg, device))
     row.update(bare_step_images_per_s=bare["images_per_s"], error=bare["error"],
                ratio=row["loop_images_per_s"] / bare["images_per_s"])  # fmt: skip
     return row
@@ -448,6 +444,8 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+# The report's sections of per-setting rows, each with how the log names one left unmeasured.
+SECTIONS = {"steps": "", "validation": "validation ", "loop": "the training-loop check, "}
 # What a saved measurement must share with a new one to be reused.
 SAME_MEASUREMENT = ("height", "width", "warmup", "steps", "loop_steps", "memory_cap_gib",
                     "val_batch")  # fmt: skip
@@ -486,9 +484,10 @@ def run_benchmark(
     limit = math.inf if cfg.time_limit_s is None else cfg.time_limit_s
     deadline = time.monotonic() + limit
     old = reusable(previous, cfg, device) or {}
-    taken = {_key(r): r for r in old.get("steps", [])}
     report = {"environment": environment(device), "config": asdict(cfg), "steps": [],
-              "reused_steps": 0, "unmeasured": [], "complete": False}  # fmt: skip
+              "validation": [], "loop": [], "reused_steps": 0, "unmeasured": [],
+              "complete": False}  # fmt: skip
+    saved = {kind: {_key(row): row for row in old.get(kind, [])} for kind in SECTIONS}
     progress = save or (lambda report: None)
 
     def in_time(what: str) -> bool:
@@ -497,22 +496,33 @@ def run_benchmark(
         report["unmeasured"].append(what)
         return False
 
-    def measure(settings: list[Setting]) -> None:
-        for setting in settings:
-            saved = taken.get(_key(asdict(setting)))
-            if not saved and not in_time(_label(setting)):
-                continue
-            if saved:
-                row = saved
-                report["reused_steps"] += 1
-            else:
-                result = measure_step(setting, cfg, device)
-                row = {**asdict(result), "images_per_s": result.images_per_s}
-            note = "  (saved earlier)" if saved else ""
-            print(f"{_label(setting):32s} {row['ms_per_step']:8.2f} ms  {row['peak_gib']:6.2f} GiB "
-                  f"peak {row['error']}{note}", flush=True)  # fmt: skip
-            report["steps"].append(row)
-            progress(report)
+    def take(kind: str, setting: Setting, measure: Callable[[Setting], dict]) -> None:
+        """``setting``'s row in ``report[kind]``: the saved one, or ``measure(setting)``'s if
+        the time limit has not passed."""
+        row = saved[kind].get(_key(asdict(setting)))
+        reused = row is not None
+        if reused and kind == "steps":
+            report["reused_steps"] += 1
+        if not reused and in_time(SECTIONS[kind] + _label(setting)):
+            row = measure(setting)
+        if row is None:
+            return
+        found = (f"loop / bare step {row['ratio']:.2f}" if kind == "loop" else
+                 f"{row['ms_per_step']:8.2f} ms {row['peak_gib']:6.2f} GiB peak")  # fmt: skip
+        note = "  (saved earlier)" if reused else ""
+        print(f"{kind:10s} {_label(setting):28s} {found} {row['error']}{note}", flush=True)
+        report[kind].append(row)
+        progress(report)
+
+    def step(setting: Setting) -> dict:
+        return _row(measure_step(setting, cfg, device))
+
+    def validation(setting: Setting) -> dict:
+        return _row(measure_step(setting, cfg, device, work=validation_pass))
+
+    def loop(setting: Setting) -> dict:
+        bare = _best(report, setting.norm, setting.batch, setting.precision, (setting.mode,))
+        return loop_efficiency(setting, cfg, device, bare)
 
     # What the targets and Figure 1's cost read comes first, cheapest first (eager steps at
     # Figure 1's batches, validation, the memory cap, the eager loop, then the minute-long
@@ -526,22 +536,13 @@ def run_benchmark(
         (s for s in grid if s.precision == cfg.precisions[0] and s.mode != "eager"),
         key=lambda s: (s.batch not in TARGET_BATCHES, s.network != "segnet"),
     )
-    measure(first)
-    report["validation"] = []
-    saved_validation = {_key(r): r for r in old.get("validation", [])}
+    for setting in first:
+        take("steps", setting, step)
     for precision in cfg.precisions:
         for network in dict.fromkeys(n for n, _, _ in FIG1_RUNS if n in cfg.networks):
             for norm in PAPER_NORMS:
-                setting = Setting(norm, cfg.val_batch, precision, "eager", network)
-                row = saved_validation.get(_key(asdict(setting)))
-                if not row and in_time(f"validation {_label(setting)}"):
-                    result = measure_validation(norm, precision, cfg, device, network)
-                    row = {**asdict(result), "images_per_s": result.images_per_s}
-                if row:
-                    print(f"validation {_label(setting):21s} {row['ms_per_step']:8.2f} ms "
-                          f"{row['error']}", flush=True)  # fmt: skip
-                    report["validation"].append(row)
-                    progress(report)
+                take("validation", Setting(norm, cfg.val_batch, precision, "eager", network),
+                     validation)  # fmt: skip
     if cfg.memory_cap_gib and device.type == "cuda":
         cap = old.get("max_batch_under_cap")
         if cap or in_time("the memory-cap search"):
@@ -550,29 +551,21 @@ def run_benchmark(
                 for norm in PAPER_NORMS
             }
             progress(report)
-    report["loop"] = []
-    taken_loops = {_key(row): row for row in old.get("loop", [])}
 
     def check_loop(mode: str, batch: int) -> None:
         for norm in PAPER_NORMS:
-            setting = Setting(norm, batch, cfg.precisions[0], mode)
-            row = taken_loops.get(_key(asdict(setting)))
-            if not row and in_time(f"the training-loop check, {_label(setting)}"):
-                bare = _best(report, norm, batch, setting.precision, (mode,))
-                row = loop_efficiency(setting, cfg, device, bare)
-            if row:
-                print(f"{_label(setting):32s} loop / bare step {row['ratio']:.2f} "
-                      f"{row['error']}", flush=True)  # fmt: skip
-                report["loop"].append(row)
-                progress(report)
+            take("loop", Setting(norm, batch, cfg.precisions[0], mode), loop)
 
-    # Eager at the largest target batch; with CUDA graphs at batch 1, where each step is
-    # shortest and the loop's own host work has the least time to hide in.
+    # The loop eager at the largest target batch; with CUDA graphs at batch 1, where each
+    # step is shortest and the loop's own host work has the least time to hide in.
     check_loop("eager", 8 if 8 in cfg.batches else cfg.batches[-1])
-    measure(compiled)
+    for setting in compiled:
+        take("steps", setting, step)
     if any(s.mode == "cudagraphs" and s.batch == 1 for s in compiled):
         check_loop("cudagraphs", 1)
-    measure([s for s in grid if s not in first and s not in compiled])
+    for setting in grid:
+        if setting not in first and setting not in compiled:
+            take("steps", setting, step)
     order = {_key(asdict(s)): i for i, s in enumerate(grid)}
     report["steps"].sort(key=lambda row: order[_key(row)])
     report["targets"] = targets(report) if device.type == "cuda" else []
