@@ -6,7 +6,7 @@ Its Triton kernels run on CUDA where there is a GPU, else under Triton's interpr
 import pytest
 import torch
 
-from deepcontrol.nn import AutoGainControl2d, ConvNormReLU, fused_agc
+from deepcontrol.nn import AutoGainControl2d, ConvNormReLU, fused_agc, use_agc_kernels
 from deepcontrol.train import compile_model
 
 pytestmark = pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed")
@@ -95,10 +95,8 @@ def test_fused_segnet_matches_the_reference_segnet():
     results = {}
     for kernels in ("triton", "reference"):
         torch.manual_seed(0)
-        model = SegNet(19, norm="agc", width=8).to(memory_format=torch.channels_last)
-        for module in model.modules():
-            if isinstance(module, AutoGainControl2d):
-                module.kernels = kernels
+        model = use_agc_kernels(SegNet(19, norm="agc", width=8), kernels)
+        model = model.to(memory_format=torch.channels_last)
         generator = torch.Generator().manual_seed(1)
         x = torch.randn(2, 3, 32, 64, generator=generator)
         labels = torch.randint(0, 19, (2, 32, 64), generator=generator)
@@ -252,6 +250,8 @@ def test_auto_runs_the_fused_function_on_cuda_in_training_and_evaluation(monkeyp
 def test_unknown_kernels_are_refused_clearly():
     with pytest.raises(ValueError, match="AGC kernels must be one of auto, reference, triton"):
         AutoGainControl2d(4, relu=True, kernels="cuda")
+    with pytest.raises(ValueError, match="AGC kernels must be one of auto, reference, triton"):
+        use_agc_kernels(ConvNormReLU(3, 4, "agc"), "cuda")
 
 
 @pytest.mark.cuda

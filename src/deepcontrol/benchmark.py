@@ -30,7 +30,7 @@ from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.engine import autocast, evaluate, train_one_epoch
 from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import MODELS
-from deepcontrol.nn import AutoGainControl2d
+from deepcontrol.nn import AutoGainControl2d, use_agc_kernels
 from deepcontrol.nn.fused_agc import triton_agc
 from deepcontrol.train import compile_model, sgd, use_channels_last
 
@@ -129,9 +129,8 @@ class Config:
 def build(norm: str, device: torch.device, network: str = "segnet") -> nn.Module:
     model = MODELS[network](num_classes=19, norm="agc" if norm in AGC_KERNELS else norm)
     model = model.to(device)
-    for module in model.modules():
-        if isinstance(module, AutoGainControl2d):
-            module.kernels = AGC_KERNELS[norm]
+    if norm in AGC_KERNELS:
+        use_agc_kernels(model, AGC_KERNELS[norm])
     if use_channels_last("auto", device):  # as training does by default
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -1,6 +1,6 @@
 """Normalisation layers: the paper's AGC and the norms it is compared with."""
 
-from deepcontrol.nn.agc import AutoGainControl2d, agc_mean_scales
+from deepcontrol.nn.agc import AutoGainControl2d, agc_mean_scales, use_agc_kernels
 from deepcontrol.nn.fused_agc import agc_relu
 from deepcontrol.nn.norms import NORMS, ChannelBias, ConvNormReLU, make_norm
 
@@ -12,4 +12,5 @@ __all__ = [
     "agc_mean_scales",
     "agc_relu",
     "make_norm",
+    "use_agc_kernels",
 ]

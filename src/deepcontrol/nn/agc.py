@@ -11,6 +11,8 @@ from torch import nn
 
 from deepcontrol.nn.fused_agc import agc_relu, triton_agc
 
+KERNELS = ("auto", "reference", "triton")  # AutoGainControl2d's ``kernels``
+
 
 class AutoGainControl2d(nn.Module):
     """Automatic gain control, eq. (1): ``out = (y - λ·mean_HW(y)) · γ + β``.
@@ -42,9 +44,8 @@ class AutoGainControl2d(nn.Module):
         self.num_channels = num_channels
         self.mean_scale_init = mean_scale_init
         self.relu = relu
-        choices = ("auto", "reference", "triton")
-        if kernels not in choices:
-            raise ValueError(f"AGC kernels must be one of {', '.join(choices)}, got {kernels!r}")
+        if kernels not in KERNELS:
+            raise ValueError(f"AGC kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
         self.kernels = kernels
         self.mean_scale = nn.Parameter(torch.full((num_channels,), float(mean_scale_init)))
         self.weight = nn.Parameter(torch.ones(num_channels))
@@ -84,3 +85,13 @@ def agc_mean_scales(model: nn.Module) -> list[float]:
         for m in model.modules()
         if isinstance(m, AutoGainControl2d)
     ]
+
+
+def use_agc_kernels(model: nn.Module, kernels: str) -> nn.Module:
+    """``model`` with every AGC layer set to run ``kernels`` (see ``AutoGainControl2d``)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"AGC kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    for module in model.modules():
+        if isinstance(module, AutoGainControl2d):
+            module.kernels = kernels
+    return model
