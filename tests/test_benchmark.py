@@ -16,9 +16,18 @@ from deepcontrol.nn import AutoGainControl2d
 pytestmark = pytest.mark.slow
 
 
+def cpu_config(**changes) -> Config:
+    """A grid small enough for the CPU: SegNet with AGC and no norm at batch 1, fp32 eager,
+    one step after none, with ``changes``."""
+    small = Config(height=32, width=64, batches=(1,), norms=("agc", "none"),
+                   precisions=("fp32",), modes=("eager",), warmup=0, steps=1, val_batch=2,
+                   memory_cap_gib=None, loop_steps=2, networks=("segnet",))  # fmt: skip
+    return replace(small, **changes)
+
+
 def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
-    cfg = Config(height=32, width=64, batches=(1, 2), precisions=("fp32",), modes=("eager",),
-                 warmup=1, steps=2, memory_cap_gib=None, loop_steps=2, val_batch=3)  # fmt: skip
+    cfg = cpu_config(batches=(1, 2), norms=Config.norms, networks=Config.networks, warmup=1,
+                     steps=2, val_batch=3)  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
     # SegNet's bn, agc, agc-naive and none at 2 batches; ClassNet's bn and agc at batch 4,
     # where Figure 1 trains it
@@ -172,10 +181,7 @@ def test_a_failing_setting_is_recorded_and_the_others_still_run(monkeypatch):
         return real_build(norm, *args, **kwargs)
 
     monkeypatch.setattr(benchmark, "build", build)
-    cfg = Config(height=32, width=64, batches=(1,), norms=("agc", "none"),
-                 precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
-                 memory_cap_gib=None, loop_steps=2, val_batch=2, networks=("segnet",))  # fmt: skip
-    report = run_benchmark(cfg, torch.device("cpu"))
+    report = run_benchmark(cpu_config(), torch.device("cpu"))
     steps, loop = report["steps"], {row["norm"]: row for row in report["loop"]}
     validation = {row["norm"]: row for row in report["validation"]}
     assert validation["agc"]["error"].startswith("failed") and validation["bn"]["ms_per_step"] > 0
@@ -190,9 +196,7 @@ class Cut(Exception):
 
 
 def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
-    cfg = Config(height=32, width=64, batches=(1, 2), norms=("agc", "none"),
-                 precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
-                 memory_cap_gib=None, loop_steps=2, val_batch=3, networks=("segnet",))  # fmt: skip
+    cfg = cpu_config(batches=(1, 2), val_batch=3)
     measured = []
     real_measure = benchmark.measure_step
 
@@ -235,11 +239,9 @@ def test_the_loop_is_also_checked_with_cuda_graphs_at_batch_1(compile_stand_in):
     """Where each step is shortest, the loop's own host work has the least time to hide
     in. Its bare step is the grid's. (A stand-in compiler replaces inductor and so CUDA
     graphs.)"""
-    cfg = Config(height=32, width=64, batches=(1,), norms=("bn", "agc"), precisions=("fp32",),
-                 modes=("eager", "cudagraphs"), compiled_batches=(1,),
-                 compiled_precisions=("fp32",), compiled_norms=("bn", "agc"), warmup=1,
-                 steps=2, memory_cap_gib=None, loop_steps=2, val_batch=2,
-                 networks=("segnet",))  # fmt: skip
+    cfg = cpu_config(norms=("bn", "agc"), modes=("eager", "cudagraphs"), compiled_batches=(1,),
+                     compiled_precisions=("fp32",), compiled_norms=("bn", "agc"), warmup=1,
+                     steps=2)  # fmt: skip
     report = run_benchmark(cfg, torch.device("cpu"))
     assert compile_stand_in == [False] * 4  # the grid's two steps, the two loops
     loops = {(r["norm"], r["mode"]): r for r in report["loop"]}
@@ -250,10 +252,7 @@ def test_the_loop_is_also_checked_with_cuda_graphs_at_batch_1(compile_stand_in):
 
 
 def test_past_the_time_limit_nothing_new_starts_and_a_rerun_goes_on(tmp_path):
-    cfg = Config(height=32, width=64, batches=(1,), norms=("agc", "none"),
-                 precisions=("fp32",), modes=("eager",), warmup=0, steps=1,
-                 memory_cap_gib=None, loop_steps=2, val_batch=2, time_limit_s=0,
-                 networks=("segnet",))  # fmt: skip
+    cfg = cpu_config(time_limit_s=0)
     report = run_benchmark(cfg, torch.device("cpu"))
     assert report["steps"] == [] and report["loop"] == [] and not report["complete"]
     assert report["unmeasured"] == ["agc 1 fp32 eager", "none 1 fp32 eager",
