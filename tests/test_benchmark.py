@@ -122,24 +122,45 @@ def test_targets_are_judged_from_the_measured_ratios():
     assert verdicts["batch 1, bn: best throughput / eager"] == (3.75, True)
     assert verdicts["largest batch under 12.0 GiB: AGC / BN"] == (1.4, True)
     assert verdicts["training loop / bare step, agc, batch 8, eager"] == (0.95, True)
-    # 12 runs of 150 epochs: SegNet at 10 ms a step for every batch size, ClassNet (two runs
-    # at batch 4) at 4 ms, and for each of 32 validation forwards of 16 images (the last one
-    # of 4) the slower norm's: SegNet's 40 ms, ClassNet's 12
-    flat = {(n, b, "eager"): 10.0 for n in ("bn", "agc") for b in (1, 4, 8)}
-    flat |= {("classnet", n, 4, "eager"): 4.0 for n in ("bn", "agc")}
+
+
+def test_figure1_runs_are_read_from_the_panels():
+    # the paper's 12: BN and AGC at batches 1, 4, 8 (a, b; c and e are the batch-4 pair),
+    # ClassNet's pair at batch 4 (d, f), BN at batch 8 also at lr 0.08 (g), AGC at batch 8
+    # also at lr 0.08, 0.32 and 0.64 (h); 150 epochs each
+    assert sorted(benchmark.figure1_run_counts()) == sorted([
+        ("segnet", "bn", 1, 150, 1), ("segnet", "agc", 1, 150, 1),
+        ("segnet", "bn", 4, 150, 1), ("segnet", "agc", 4, 150, 1),
+        ("classnet", "bn", 4, 150, 1), ("classnet", "agc", 4, 150, 1),
+        ("segnet", "bn", 8, 150, 2), ("segnet", "agc", 8, 150, 4),
+    ])  # fmt: skip
+
+
+def test_figure1_cost_prices_each_run_at_its_own_network_and_norm():
+    # SegNet steps: BN 10 ms, AGC 12 ms eager at every batch, and AGC 9 ms with CUDA graphs
+    # at batch 8 (its best); ClassNet BN 4 ms, AGC 5 ms at batch 4. Validation: 32 forwards
+    # of 16 images (the last one of 4), SegNet BN 30 ms, AGC 40 ms, ClassNet BN 12, AGC 11.
+    ms = {(n, b, "eager"): t for n, t in (("bn", 10.0), ("agc", 12.0)) for b in (1, 4, 8)}
+    ms |= {("agc", 8, "cudagraphs"): 9.0, ("classnet", "bn", 4, "eager"): 4.0,
+           ("classnet", "agc", 4, "eager"): 5.0}  # fmt: skip
     val_ms = {("segnet", "bn"): 30.0, ("segnet", "agc"): 40.0,
               ("classnet", "bn"): 12.0, ("classnet", "agc"): 11.0}  # fmt: skip
-    hours = figure1_cost(fake_report(flat, {}, val_ms=val_ms), "bf16")["gpu_hours"]
-    segnet = sum(runs * 150 * (math.ceil(2975 / b) * 0.01 + 32 * 0.04) for b, runs in
-                 ((1, 2), (4, 2), (8, 6)))  # fmt: skip
-    classnet = 2 * 150 * (math.ceil(2975 / 4) * 0.004 + 32 * 0.012)
-    assert hours == pytest.approx((segnet + classnet) / 3600)
+
+    def seconds(step_ms: float, batch: int, val_ms: float) -> float:
+        return 150 * (math.ceil(2975 / batch) * step_ms + 32 * val_ms) / 1000
+
+    cost = figure1_cost(fake_report(ms, {}, val_ms=val_ms), "bf16")
+    segnet = sum(seconds(10, b, 30) + seconds(12, b, 40) for b in (1, 4))
+    segnet += 2 * seconds(10, 8, 30) + 4 * seconds(9, 8, 40)
+    classnet = seconds(4, 4, 12) + seconds(5, 4, 11)
+    assert cost["runs"] == 12
+    assert cost["gpu_hours"] == pytest.approx((segnet + classnet) / 3600)
     # a time that failed or went unmeasured: no cost, not a wrong one
     del val_ms[("classnet", "agc")]
-    assert figure1_cost(fake_report(flat, {}, val_ms=val_ms), "bf16") is None
+    assert figure1_cost(fake_report(ms, {}, val_ms=val_ms), "bf16") is None
     val_ms[("classnet", "agc")] = 11.0
-    del flat[("classnet", "agc", 4, "eager")]
-    assert figure1_cost(fake_report(flat, {}, val_ms=val_ms), "bf16") is None
+    del ms[("classnet", "agc", 4, "eager")]
+    assert figure1_cost(fake_report(ms, {}, val_ms=val_ms), "bf16") is None
 
 
 def test_compiled_modes_run_only_where_the_targets_look():

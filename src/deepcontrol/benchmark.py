@@ -9,6 +9,7 @@ run cut short (a job's time limit) goes on from what it saved on the same GPU an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +30,7 @@ from deepcontrol.atomic import write_atomic
 from deepcontrol.config import compose
 from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.engine import autocast, evaluate, train_one_epoch
+from deepcontrol.figure1 import figure1_runs
 from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import MODELS
 from deepcontrol.nn import AutoGainControl2d, use_agc_kernels
@@ -41,11 +44,18 @@ AGC_KERNELS = {"agc": "auto", "agc-naive": "reference"}
 MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="reduce-overhead")
 COMPILE_MODES = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
 TARGET_BATCHES = (1, 8)  # where issue 4's targets are judged
-# Figure 1's 12 runs, as (network, batch, how many runs), each 150 epochs of 2975 training
-# and 500 validation images.
-FIG1_RUNS = (("segnet", 1, 2), ("segnet", 4, 2), ("classnet", 4, 2), ("segnet", 8, 6))
-FIG1_EPOCHS, FIG1_TRAIN, FIG1_VAL = 150, 2975, 500
+# Cityscapes' train and val splits: the images each epoch of a Figure 1 run trains, validates
+FIG1_TRAIN, FIG1_VAL = 2975, 500
 PAPER_NORMS = ("bn", "agc")  # the norms the paper compares
+
+
+@functools.cache
+def figure1_run_counts() -> tuple[tuple[str, str, int, int, int], ...]:
+    """Figure 1's runs as (network, norm, batch, epochs, how many), read from its panels'
+    experiment configs: the 12 runs ``make reproduce-fig1`` trains."""
+    counts = Counter((cfg.model.name, cfg.norm.name, cfg.data.batch_size, cfg.epochs)
+                     for cfg in figure1_runs().values())  # fmt: skip
+    return tuple((*key, runs) for key, runs in counts.items())
 
 
 @dataclass
@@ -106,9 +116,9 @@ class Config:
                         out += [Setting(norm, batch, precision, mode) for norm in self.norms]
                     elif self.compiles(batch, precision):
                         out += [Setting(n, batch, precision, mode) for n in self.compiled_norms]
-        for network, batch, _ in FIG1_RUNS:
-            if network == "segnet" or network not in self.networks:
-                continue
+        others = dict.fromkeys((network, batch) for network, _, batch, *_ in figure1_run_counts()
+                               if network != "segnet" and network in self.networks)  # fmt: skip
+        for network, batch in others:
             out += [Setting(norm, batch, precision, mode, network) for precision in self.precisions
                     for mode in self.modes if mode == "eager" or self.compiles(batch, precision)
                     for norm in PAPER_NORMS]  # fmt: skip
@@ -528,7 +538,7 @@ def run_benchmark(
     # compiles and the CUDA-graphed loop), the rest of the grid last: a run cut short keeps
     # them.
     grid = cfg.settings()
-    figure1 = {(network, batch) for network, batch, _ in FIG1_RUNS}
+    figure1 = {(network, batch) for network, _, batch, *_ in figure1_run_counts()}
     first = [s for s in grid if s.precision == cfg.precisions[0] and s.mode == "eager"
              and (s.network, s.batch) in figure1]  # fmt: skip
     compiled = sorted(  # the targets' batches first, then Figure 1's others
@@ -538,7 +548,7 @@ def run_benchmark(
     for setting in first:
         take("steps", setting, step)
     for precision in cfg.precisions:
-        for network in dict.fromkeys(n for n, _, _ in FIG1_RUNS if n in cfg.networks):
+        for network in dict.fromkeys(n for n, *_ in figure1_run_counts() if n in cfg.networks):
             for norm in PAPER_NORMS:
                 take("validation", Setting(norm, cfg.val_batch, precision, "eager", network),
                      validation)  # fmt: skip
@@ -663,26 +673,25 @@ def targets(report: dict) -> list[dict]:
 
 
 def figure1_cost(report: dict, precision: str) -> dict | None:
-    """GPU-hours for Figure 1's 12 runs in ``precision``, from each network's measured best
-    BN and AGC step times at the run's batch and their validation forwards (the slower norm
-    of each); None if a time it needs is missing.
+    """GPU-hours for Figure 1's runs in ``precision``, each priced at its own network's and
+    norm's best measured step at its batch and validation forward; None if a time it needs
+    failed or went unmeasured.
 
-    Each run: 150 epochs of 2975 training images at its batch, and of 500 validation images
-    at the validation batch (as training evaluates, eager)."""
+    Each epoch of a run trains 2975 images at its batch and validates 500 at the validation
+    batch (as training evaluates, eager)."""
     hours = 0.0
-    for network, batch, runs in FIG1_RUNS:
-        steps = [_best(report, norm, batch, precision, MODES, network) for norm in PAPER_NORMS]
-        validation = [r for r in report.get("validation", [])
-                      if _key(r)[0] == network and r["precision"] == precision
-                      and not r["error"]]  # fmt: skip
-        if None in steps or {r["norm"] for r in validation} != set(PAPER_NORMS):
-            return None  # a time it needs failed or went unmeasured
-        step_ms = max(row["ms_per_step"] for row in steps)
-        val_ms = max(r["ms_per_step"] for r in validation)
-        val_steps = math.ceil(FIG1_VAL / validation[0]["batch"])
-        epoch_ms = math.ceil(FIG1_TRAIN / batch) * step_ms + val_steps * val_ms
-        hours += runs * FIG1_EPOCHS * epoch_ms / 1000 / 3600
-    return {"gpu_hours": hours, "runs": sum(runs for *_, runs in FIG1_RUNS),
+    for network, norm, batch, epochs, runs in figure1_run_counts():
+        step = _best(report, norm, batch, precision, MODES, network)
+        validation = [r for r in report.get("validation", []) if not r["error"]
+                      and _key(r)[:2] == (network, norm)
+                      and r["precision"] == precision]  # fmt: skip
+        if step is None or not validation:
+            return None
+        val = validation[0]
+        epoch_ms = (math.ceil(FIG1_TRAIN / batch) * step["ms_per_step"]
+                    + math.ceil(FIG1_VAL / val["batch"]) * val["ms_per_step"])  # fmt: skip
+        hours += runs * epochs * epoch_ms / 1000 / 3600
+    return {"gpu_hours": hours, "runs": sum(runs for *_, runs in figure1_run_counts()),
             "precision": precision}  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from omegaconf import DictConfig
 
 from deepcontrol.atomic import atomic_file, write_atomic
 from deepcontrol.config import compose
@@ -61,6 +62,13 @@ METRIC_LABEL = {"val_pixel_error": "validation pixel error (%)", "val_loss": "va
 def panel_run_names(panel: Panel, overrides: list[str]) -> list[str]:
     """The run names of ``panel`` under ``overrides`` (those of the training command)."""
     return [compose(job).run_name for job in experiment_jobs(panel.experiment, overrides)]
+
+
+def figure1_runs(overrides: list[str] | None = None) -> dict[str, DictConfig]:
+    """Figure 1's distinct runs under ``overrides``, each once as ``experiment=fig1`` trains
+    them: its config by run name."""
+    return {cfg.run_name: cfg for panel in PANELS
+            for cfg in map(compose, experiment_jobs(panel.experiment, overrides))}  # fmt: skip
 
 
 def panel_membership(overrides: list[str]) -> dict[str, list[str]]:
