@@ -29,7 +29,7 @@ from torch import nn
 from deepcontrol.atomic import write_atomic
 from deepcontrol.config import compose
 from deepcontrol.data.loader import DeviceBatches
-from deepcontrol.engine import autocast, evaluate, train_one_epoch
+from deepcontrol.engine import autocast, evaluate, sgd_step, train_one_epoch
 from deepcontrol.figure1 import figure1_runs
 from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import MODELS
@@ -194,12 +194,8 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
     labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
     contours = (torch.rand(setting.batch, cfg.height, cfg.width, device=device) < 0.1).float()
 
-    def step() -> None:  # as engine.train_one_epoch takes it
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, setting.precision):
-            loss = loss_fn(step_model(images), labels, contours)
-        loss.backward()
-        optimizer.step()
+    def step() -> None:
+        sgd_step(step_model, optimizer, loss_fn, images, labels, contours, setting.precision)
 
     return step
 

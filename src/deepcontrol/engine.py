@@ -32,6 +32,28 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def sgd_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    contours: torch.Tensor,
+    precision: str,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One SGD step on a batch; its loss. The gradients are of the loss times ``scale``
+    where given."""
+    # Before the forward, so the last step's gradients (one more copy of the parameters)
+    # are not held through it: that is where the step's memory peaks.
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(images.device, precision):
+        loss = loss_fn(model(images), labels, contours)
+    (loss if scale is None else loss * scale).backward()
+    optimizer.step()
+    return loss
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: DeviceBatches,
@@ -59,17 +81,11 @@ def train_one_epoch(
     bar = tqdm(batches, desc=description, disable=not progress, leave=False, unit="batch",
                initial=batches.position, total=len(batches))  # fmt: skip
     for images, labels, contours in bar:
-        # Before the forward, so the last step's gradients (one more copy of the parameters)
-        # are not held through it: that is where the step's memory peaks.
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(batches.device, precision):
-            loss = loss_fn(model(images), labels, contours)
         valid = (labels != IGNORE_INDEX).sum()
-        scaled = loss
+        scale = None
         if world > 1:  # DDP averages gradients over processes; undo that, weigh by pixels
-            scaled = loss * (valid * world / all_reduce_sum(valid.clone()).clamp(min=1))
-        scaled.backward()
-        optimizer.step()
+            scale = valid * world / all_reduce_sum(valid.clone()).clamp(min=1)
+        loss = sgd_step(model, optimizer, loss_fn, images, labels, contours, precision, scale)
         total += loss.detach() * valid
         pixels += valid
         step = batches.position
