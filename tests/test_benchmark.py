@@ -127,13 +127,20 @@ def test_targets_are_judged_from_the_measured_ratios():
 def test_figure1_runs_are_read_from_the_panels():
     # the paper's 12: BN and AGC at batches 1, 4, 8 (a, b; c and e are the batch-4 pair),
     # ClassNet's pair at batch 4 (d, f), BN at batch 8 also at lr 0.08 (g), AGC at batch 8
-    # also at lr 0.08, 0.32 and 0.64 (h); 150 epochs each
-    assert sorted(benchmark.figure1_run_counts()) == sorted([
-        ("segnet", "bn", 1, 150, 1), ("segnet", "agc", 1, 150, 1),
-        ("segnet", "bn", 4, 150, 1), ("segnet", "agc", 4, 150, 1),
-        ("classnet", "bn", 4, 150, 1), ("classnet", "agc", 4, 150, 1),
-        ("segnet", "bn", 8, 150, 2), ("segnet", "agc", 8, 150, 4),
-    ])  # fmt: skip
+    # also at lr 0.08, 0.32 and 0.64 (h); 150 epochs each of Cityscapes' 2975 training and
+    # 500 validation images
+    runs = [
+        ("segnet", "bn", 1, 1),
+        ("segnet", "agc", 1, 1),
+        ("segnet", "bn", 4, 1),
+        ("segnet", "agc", 4, 1),
+        ("classnet", "bn", 4, 1),
+        ("classnet", "agc", 4, 1),
+        ("segnet", "bn", 8, 2),
+        ("segnet", "agc", 8, 4),
+    ]  # (network, norm, batch, runs)
+    expected = [(net, norm, batch, 150, 2975, 500, count) for net, norm, batch, count in runs]
+    assert sorted(benchmark.figure1_run_counts()) == sorted(expected)
 
 
 def test_figure1_cost_prices_each_run_at_its_own_network_and_norm():

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -44,18 +45,30 @@ AGC_KERNELS = {"agc": "auto", "agc-naive": "reference"}
 MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="reduce-overhead")
 COMPILE_MODES = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
 TARGET_BATCHES = (1, 8)  # where issue 4's targets are judged
-# Cityscapes' train and val splits: the images each epoch of a Figure 1 run trains, validates
-FIG1_TRAIN, FIG1_VAL = 2975, 500
 PAPER_NORMS = ("bn", "agc")  # the norms the paper compares
 
 
+class Figure1Runs(NamedTuple):
+    """Figure 1's runs of one network, norm and batch: each ``epochs`` epochs that train
+    ``train_images`` and validate ``val_images`` (its dataset's splits, Cityscapes')."""
+
+    network: str
+    norm: str
+    batch: int
+    epochs: int
+    train_images: int
+    val_images: int
+    runs: int
+
+
 @functools.cache
-def figure1_run_counts() -> tuple[tuple[str, str, int, int, int], ...]:
-    """Figure 1's runs as (network, norm, batch, epochs, how many), read from its panels'
-    experiment configs: the 12 runs ``make reproduce-fig1`` trains."""
-    counts = Counter((cfg.model.name, cfg.norm.name, cfg.data.batch_size, cfg.epochs)
+def figure1_run_counts() -> tuple[Figure1Runs, ...]:
+    """Figure 1's runs, read from its panels' experiment configs: the 12 runs
+    ``make reproduce-fig1`` trains."""
+    counts = Counter((cfg.model.name, cfg.norm.name, cfg.data.batch_size, cfg.epochs,
+                      cfg.data.expected_images.train, cfg.data.expected_images.val)
                      for cfg in figure1_runs().values())  # fmt: skip
-    return tuple((*key, runs) for key, runs in counts.items())
+    return tuple(Figure1Runs(*key, runs) for key, runs in counts.items())
 
 
 @dataclass
@@ -116,8 +129,8 @@ class Config:
                         out += [Setting(norm, batch, precision, mode) for norm in self.norms]
                     elif self.compiles(batch, precision):
                         out += [Setting(n, batch, precision, mode) for n in self.compiled_norms]
-        others = dict.fromkeys((network, batch) for network, _, batch, *_ in figure1_run_counts()
-                               if network != "segnet" and network in self.networks)  # fmt: skip
+        others = dict.fromkeys((r.network, r.batch) for r in figure1_run_counts()
+                               if r.network != "segnet" and r.network in self.networks)  # fmt: skip
         for network, batch in others:
             out += [Setting(norm, batch, precision, mode, network) for precision in self.precisions
                     for mode in self.modes if mode == "eager" or self.compiles(batch, precision)
@@ -182,6 +195,12 @@ def training_loss() -> LossFn:
     return build_loss(compose().loss, class_weights=None)
 
 
+def random_images(setting: Setting, cfg: Config, device: torch.device) -> torch.Tensor:
+    """A batch of ``setting``'s random input images, channels_last as training feeds them."""
+    images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
 def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
     """One full SGD step of ``setting``'s network on fixed random data, as it runs it."""
     torch.manual_seed(0)
@@ -189,8 +208,7 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
     optimizer = sgd(model, lr=0.01, momentum=0.9)
     step_model = run_as(model, setting.mode)
     loss_fn = training_loss()
-    images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
+    images = random_images(setting, cfg, device)
     labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
     contours = (torch.rand(setting.batch, cfg.height, cfg.width, device=device) < 0.1).float()
 
@@ -205,8 +223,7 @@ def validation_pass(setting: Setting, cfg: Config, device: torch.device) -> Call
     evaluates: the uncompiled network in eval mode without gradients, whatever the mode."""
     torch.manual_seed(0)
     model = build(setting.norm, device, setting.network).eval()
-    images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
+    images = random_images(setting, cfg, device)
 
     @torch.no_grad()
     def forward() -> None:
@@ -233,9 +250,8 @@ def agc_activation_bytes(setting: Setting, cfg: Config, device: torch.device) ->
 
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, AutoGainControl2d)]  # fmt: skip
-    images = torch.zeros(setting.batch, 3, cfg.height, cfg.width, device=device)
     with torch.no_grad(), autocast(device, setting.precision):
-        model(images.contiguous(memory_format=torch.channels_last))
+        model(random_images(setting, cfg, device))
     for hook in hooks:
         hook.remove()
     return total
@@ -374,7 +390,8 @@ def loop_efficiency(setting: Setting, cfg: Config, device: torch.device,
 
 def _loop_images_per_s(setting: Setting, cfg: Config, device: torch.device) -> float:
     samples = setting.batch * cfg.loop_steps
-    val_samples = max(1, round(samples * FIG1_VAL / FIG1_TRAIN))
+    split_sizes = figure1_run_counts()[0]
+    val_samples = max(1, round(samples * split_sizes.val_images / split_sizes.train_images))
 
     def split(n: int, batch_size: int, shuffle: bool) -> DeviceBatches:
         images = torch.randint(0, 256, (n, cfg.height, cfg.width, 3), dtype=torch.uint8)
@@ -534,7 +551,7 @@ def run_benchmark(
     # compiles and the CUDA-graphed loop), the rest of the grid last: a run cut short keeps
     # them.
     grid = cfg.settings()
-    figure1 = {(network, batch) for network, _, batch, *_ in figure1_run_counts()}
+    figure1 = {(r.network, r.batch) for r in figure1_run_counts()}
     first = [s for s in grid if s.precision == cfg.precisions[0] and s.mode == "eager"
              and (s.network, s.batch) in figure1]  # fmt: skip
     compiled = sorted(  # the targets' batches first, then Figure 1's others
@@ -544,7 +561,8 @@ def run_benchmark(
     for setting in first:
         take("steps", setting, step)
     for precision in cfg.precisions:
-        for network in dict.fromkeys(n for n, *_ in figure1_run_counts() if n in cfg.networks):
+        for network in dict.fromkeys(r.network for r in figure1_run_counts()
+                                     if r.network in cfg.networks):  # fmt: skip
             for norm in PAPER_NORMS:
                 take("validation", Setting(norm, cfg.val_batch, precision, "eager", network),
                      validation)  # fmt: skip
@@ -634,10 +652,9 @@ def targets(report: dict) -> list[dict]:
             True,
         )
         agc_eager = _best(report, "agc", batch, precision, ("eager",))
-        bn = _best(report, "bn", batch, precision, ("eager",))
         add(
             f"batch {batch}: AGC peak memory / BN (eager)",
-            agc_eager and bn and agc_eager["peak_gib"] / bn["peak_gib"],
+            agc_eager and bn_eager and agc_eager["peak_gib"] / bn_eager["peak_gib"],
             0.8,
             False,
         )
@@ -673,21 +690,21 @@ def figure1_cost(report: dict, precision: str) -> dict | None:
     norm's best measured step at its batch and validation forward; None if a time it needs
     failed or went unmeasured.
 
-    Each epoch of a run trains 2975 images at its batch and validates 500 at the validation
-    batch (as training evaluates, eager)."""
+    Each epoch of a run trains its training split at its batch and validates its validation
+    split at the validation batch (as training evaluates, eager)."""
     hours = 0.0
-    for network, norm, batch, epochs, runs in figure1_run_counts():
-        step = _best(report, norm, batch, precision, MODES, network)
+    for run in figure1_run_counts():
+        step = _best(report, run.norm, run.batch, precision, MODES, run.network)
         validation = [r for r in report.get("validation", []) if not r["error"]
-                      and _key(r)[:2] == (network, norm)
+                      and _key(r)[:2] == (run.network, run.norm)
                       and r["precision"] == precision]  # fmt: skip
         if step is None or not validation:
             return None
         val = validation[0]
-        epoch_ms = (math.ceil(FIG1_TRAIN / batch) * step["ms_per_step"]
-                    + math.ceil(FIG1_VAL / val["batch"]) * val["ms_per_step"])  # fmt: skip
-        hours += runs * epochs * epoch_ms / 1000 / 3600
-    return {"gpu_hours": hours, "runs": sum(runs for *_, runs in figure1_run_counts()),
+        epoch_ms = (math.ceil(run.train_images / run.batch) * step["ms_per_step"]
+                    + math.ceil(run.val_images / val["batch"]) * val["ms_per_step"])  # fmt: skip
+        hours += run.runs * run.epochs * epoch_ms / 1000 / 3600
+    return {"gpu_hours": hours, "runs": sum(r.runs for r in figure1_run_counts()),
             "precision": precision}  # fmt: skip
 
 

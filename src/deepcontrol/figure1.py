@@ -59,16 +59,20 @@ PAPER_CLAIMS = (
 METRIC_LABEL = {"val_pixel_error": "validation pixel error (%)", "val_loss": "validation loss"}
 
 
+def panel_configs(panel: Panel, overrides: list[str] | None = None) -> list[DictConfig]:
+    """The configs of ``panel``'s runs under ``overrides`` (those of the training command)."""
+    return [compose(job) for job in experiment_jobs(panel.experiment, overrides)]
+
+
 def panel_run_names(panel: Panel, overrides: list[str]) -> list[str]:
-    """The run names of ``panel`` under ``overrides`` (those of the training command)."""
-    return [compose(job).run_name for job in experiment_jobs(panel.experiment, overrides)]
+    """The run names of ``panel`` under ``overrides``."""
+    return [cfg.run_name for cfg in panel_configs(panel, overrides)]
 
 
 def figure1_runs(overrides: list[str] | None = None) -> dict[str, DictConfig]:
     """Figure 1's distinct runs under ``overrides``, each once as ``experiment=fig1`` trains
     them: its config by run name."""
-    return {cfg.run_name: cfg for panel in PANELS
-            for cfg in map(compose, experiment_jobs(panel.experiment, overrides))}  # fmt: skip
+    return {cfg.run_name: cfg for panel in PANELS for cfg in panel_configs(panel, overrides)}
 
 
 def panel_membership(overrides: list[str]) -> dict[str, list[str]]:

@@ -14,6 +14,12 @@ from deepcontrol.nn.fused_agc import agc_relu, triton_agc
 KERNELS = ("auto", "reference", "triton")  # AutoGainControl2d's ``kernels``
 
 
+def _checked_kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise ValueError(f"AGC kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    return kernels
+
+
 class AutoGainControl2d(nn.Module):
     """Automatic gain control, eq. (1): ``out = (y - λ·mean_HW(y)) · γ + β``.
 
@@ -44,9 +50,7 @@ class AutoGainControl2d(nn.Module):
         self.num_channels = num_channels
         self.mean_scale_init = mean_scale_init
         self.relu = relu
-        if kernels not in KERNELS:
-            raise ValueError(f"AGC kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-        self.kernels = kernels
+        self.kernels = _checked_kernels(kernels)
         self.mean_scale = nn.Parameter(torch.full((num_channels,), float(mean_scale_init)))
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -89,8 +93,7 @@ def agc_mean_scales(model: nn.Module) -> list[float]:
 
 def use_agc_kernels(model: nn.Module, kernels: str) -> nn.Module:
     """``model`` with every AGC layer set to run ``kernels`` (see ``AutoGainControl2d``)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"AGC kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    _checked_kernels(kernels)
     for module in model.modules():
         if isinstance(module, AutoGainControl2d):
             module.kernels = kernels
