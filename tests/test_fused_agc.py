@@ -81,6 +81,42 @@ def test_last_program_adds_every_chunk_and_sample(shape):
         assert relative_error(got, want) <= TOLERANCE[torch.float32], name
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reorders Triton's interpreter")
+def test_results_do_not_depend_on_which_program_finishes_last(monkeypatch):
+    """A GPU finishes a kernel's programs in any order; the interpreter runs them first to
+    last, so the last to arrive at a counter is always the highest. Run every program in
+    reverse: a kernel that took "last" to mean "highest index", or whose sums depended on
+    which program adds them up, would give other values or leave a counter set."""
+    from triton.runtime import interpreter
+
+    from deepcontrol.nn import triton_agc
+
+    shape = (18, 3, 33, 35)  # two chunks per sample, more samples than BLOCK_N
+    assert shape[0] > triton_agc.BLOCK_N and shape[2] * shape[3] > triton_agc._blocks(3)[0]
+    generator = torch.Generator().manual_seed(10)
+    y = (torch.randn(shape, generator=generator) + 0.3).contiguous(
+        memory_format=torch.channels_last
+    )
+    upstream = torch.randn(shape, generator=generator)
+    in_order = forward_backward("triton", y, upstream)
+
+    builder = interpreter.interpreter_builder
+    set_grid_idx = builder.set_grid_idx
+    first_programs = []
+
+    def reversed_grid_idx(x: int, y: int, z: int) -> None:
+        index = [size - 1 - i for size, i in zip(builder.grid_dim, (x, y, z), strict=True)]
+        if (x, y, z) == (0, 0, 0):
+            first_programs.append(index)
+        set_grid_idx(*index)
+
+    monkeypatch.setattr(builder, "set_grid_idx", reversed_grid_idx)
+    reversed_order = forward_backward("triton", y, upstream)
+    assert len(first_programs) == 4 and all(any(i) for i in first_programs)  # 4 kernels ran
+    for name, got, want in zip(["out", "y", "λ", "γ", "β"], reversed_order, in_order, strict=True):
+        assert torch.equal(got, want), name
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compares under Triton's interpreter")
 def test_fused_segnet_matches_the_reference_segnet():
     """A whole SegNet in channels_last, whose max-unpoolings hand AGC NCHW gradients, with the
