@@ -86,7 +86,8 @@ def test_results_do_not_depend_on_which_program_finishes_last(monkeypatch):
     """A GPU finishes a kernel's programs in any order; the interpreter runs them first to
     last, so the last to arrive at a counter is always the highest. Run every program in
     reverse: a kernel that took "last" to mean "highest index", or whose sums depended on
-    which program adds them up, would give other values or leave a counter set."""
+    which program adds them up, would give other values (so would a counter the forward
+    left set, as the backward reuses it)."""
     from triton.runtime import interpreter
 
     from deepcontrol.nn import triton_agc
@@ -104,11 +105,11 @@ def test_results_do_not_depend_on_which_program_finishes_last(monkeypatch):
     set_grid_idx = builder.set_grid_idx
     first_programs = []
 
-    def reversed_grid_idx(x: int, y: int, z: int) -> None:
-        index = [size - 1 - i for size, i in zip(builder.grid_dim, (x, y, z), strict=True)]
-        if (x, y, z) == (0, 0, 0):
-            first_programs.append(index)
-        set_grid_idx(*index)
+    def reversed_grid_idx(*index: int) -> None:
+        reversed_index = [size - 1 - i for size, i in zip(builder.grid_dim, index, strict=True)]
+        if not any(index):
+            first_programs.append(reversed_index)
+        set_grid_idx(*reversed_index)
 
     monkeypatch.setattr(builder, "set_grid_idx", reversed_grid_idx)
     reversed_order = forward_backward("triton", y, upstream)
