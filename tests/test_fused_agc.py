@@ -56,6 +56,17 @@ def test_fused_matches_reference_forward_and_every_gradient(dtype, shape, layout
     for name, got, want in zip(names, fused, reference, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         assert relative_error(got, want) <= TOLERANCE[dtype], (name, relative_error(got, want))
+    if dtype == torch.bfloat16:
+        assert_same_rounding(fused[0], reference[0])
+
+
+def assert_same_rounding(fused: torch.Tensor, reference: torch.Tensor) -> None:
+    """In bf16 the fused forward rounds after each operation as the reference does, so its
+    output is the same to the bit. An output one unit off flips the ReLU of some values near
+    0 and with it their gradients: a rounding the GPU compiler dropped made the gradients
+    differ from the reference's by 1 to 5% while the outputs stayed within 0.2%."""
+    differ = int((fused != reference).sum())
+    assert differ == 0, f"{differ} of {fused.numel()} bf16 outputs differ from the reference"
 
 
 @pytest.mark.parametrize(
@@ -303,6 +314,8 @@ def test_fused_matches_reference_on_cuda(dtype):
     reference = forward_backward("reference", y, upstream)
     for got, want in zip(fused, reference, strict=True):
         assert relative_error(got, want) <= TOLERANCE[dtype]
+    if dtype == torch.bfloat16:
+        assert_same_rounding(fused[0], reference[0])
 
 
 @pytest.mark.cuda

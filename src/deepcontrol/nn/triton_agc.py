@@ -51,6 +51,22 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _rounded_unfused(x, dtype: tl.constexpr):
+    """``x`` rounded as :func:`_rounded` does, and hidden from the compiler's arithmetic
+    rewrites, so that no later operation is fused with the one that made ``x``. Seeing
+    operands that were rounded to bf16, LLVM computes in bf16 and fuses a multiply with the
+    subtraction after it: for sm_90 it made ``y - round(λ·m)`` one ``fma(-m, λ, y)``, which
+    drops the rounding of λ·m. On an H100, 6% of bf16 outputs then differed from the
+    reference's by a unit in the last place, and the ReLU of some outputs near 0 flipped
+    (results/benchmark-h100/README.md). Clearing the low 16 bits changes no bf16 value, but
+    LLVM cannot prove that, so it keeps the rounding."""
+    x = _rounded(x, dtype)
+    if dtype == tl.bfloat16:
+        x = (x.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _param(ptr, c, c_ok, dtype: tl.constexpr):
     """The per-channel parameter at ``ptr`` (λ, γ or β) for channels ``c``, rounded to the
     activations' ``dtype`` as eq. (1) uses it under autocast, in float32."""
@@ -195,7 +211,10 @@ def _agc_relu_kernel(
     lam = _param(lam_ptr, c, c_ok, dtype)
     gamma = _param(gamma_ptr, c, c_ok, dtype)
     beta = _param(beta_ptr, c, c_ok, dtype)
-    sub = _rounded(lam * mean, dtype)[None, :]
+    # λ·m as a bf16 value the compiler cannot fuse back, so y - λ·m compiles to one bf16
+    # subtraction (rounded as the float32 one would be); the forward stays at about 18
+    # instructions per element (tests/test_triton_codegen.py)
+    sub = _rounded_unfused(lam * mean, dtype).to(dtype).to(tl.float32)[None, :]
     y = tl.load(y_ptr + at, mask=ok, other=0.0)
     res = _rounded(_rounded(y.to(tl.float32) - sub, dtype) * gamma[None, :], dtype) + beta[None, :]
     res = _rounded(tl.where(res < 0, 0.0, res), dtype)  # NaN stays NaN, as in torch.relu
