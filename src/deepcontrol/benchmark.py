@@ -767,7 +767,9 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
     if report["targets"]:
         lines += ["", "| target | measured | bar | met |", "|---|---|---|---|"]
         for t in report["targets"]:
-            value = "—" if t["value"] is None else f"{t['value']:.2f}"
+            # three decimals, so that a ratio just short of its bar (1.096 against 1.1) does
+            # not print as the bar itself beside "no"
+            value = "—" if t["value"] is None else f"{t['value']:.3f}"
             lines.append(f"| {t['target']} | {value} | {t['bar']} | "
                          f"{'yes' if t['met'] else 'no'} |")  # fmt: skip
     else:
