@@ -19,7 +19,7 @@ stay within 1%). In float32, the paper's setting, the same effect is 2^16 times 
 
 Its forward and backward run as Triton kernels (``deepcontrol.nn.triton_agc``). A version
 over PyTorch ops lost to them on an H200 in eager mode (2.5× slower at batch 8) and under
-torch.compile with CUDA graphs (8% slower), so it was removed (``results/benchmark.md``).
+torch.compile with CUDA graphs (8% slower), so it was removed (``results/benchmark-h200/``).
 """
 
 from __future__ import annotations
