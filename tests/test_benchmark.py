@@ -307,9 +307,15 @@ def test_profile_says_where_a_step_spends_its_time():
 def test_agc_kernels_bandwidth_is_their_traffic_over_their_time():
     from types import SimpleNamespace
 
-    events = [SimpleNamespace(key=key, self_device_time_total=us) for key, us in
-              (("_sums_kernel", 3000.0), ("_agc_relu_grad_kernel_0", 1500.0),
-               ("aten::convolution", 9e9))]  # fmt: skip
+    from torch.autograd import DeviceType
+
+    cuda, cpu = DeviceType.CUDA, DeviceType.CPU
+    kernels = [("_sums_kernel", 3000.0, cuda), ("_agc_relu_grad_kernel", 1500.0, cuda),
+               ("aten::convolution", 9e9, cuda)]  # fmt: skip
+    # torch.compile's host-side op for each launch: the same kernel's time again
+    wrappers = [("_sums_kernel_0", 3000.0, cpu), ("_agc_relu_grad_kernel_1", 1500.0, cpu)]
+    events = [SimpleNamespace(key=key, self_device_time_total=us, device_type=device)
+              for key, us, device in kernels + wrappers]  # fmt: skip
     lines = benchmark.agc_kernel_bandwidth(events, activation_bytes=10**9, steps=3)
     # sums: 3 GB a step in 1 ms; the backward pass: 3 GB in 0.5 ms; the forward pass: absent
     assert lines == [

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 
 from deepcontrol.atomic import write_atomic
 from deepcontrol.config import compose
@@ -260,10 +261,15 @@ def agc_activation_bytes(setting: Setting, cfg: Config, device: torch.device) ->
 def agc_kernel_bandwidth(events: list, activation_bytes: int, steps: int) -> list[str]:
     """A line per AGC Triton kernel in profiler ``events`` (``key_averages()``): its device
     time per step, the bytes it must move per step, and so the bandwidth it reached, to set
-    against the GPU's peak."""
+    against the GPU's peak.
+
+    Only the kernels' own (device) events count. Under torch.compile each launch also has a
+    host-side op named after the kernel (``_sums_kernel_0``) whose self device time is the
+    same kernel's, which would count it twice."""
     lines = []
     for name, passes in AGC_KERNEL_PASSES.items():
-        microseconds = sum(e.self_device_time_total for e in events if name in e.key)
+        microseconds = sum(e.self_device_time_total for e in events
+                           if name in e.key and e.device_type != DeviceType.CPU)  # fmt: skip
         if not microseconds:
             continue
         seconds = microseconds / 1e6 / steps
