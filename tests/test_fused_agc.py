@@ -80,7 +80,7 @@ def test_last_program_adds_every_chunk_and_sample(shape):
     from deepcontrol.nn import triton_agc
 
     n, c, h, w = shape
-    block_hw = triton_agc._blocks(c)[0]
+    block_hw = triton_agc._blocks(c, triton_agc.SUMS_TILE)[0]
     assert n > triton_agc.BLOCK_N or -(-h * w // block_hw) > triton_agc.FINISH
     generator = torch.Generator().manual_seed(8)
     y = (torch.randn(shape, generator=generator) + 0.3).to(DEVICE)
@@ -104,7 +104,8 @@ def test_results_do_not_depend_on_which_program_finishes_last(monkeypatch):
     from deepcontrol.nn import triton_agc
 
     shape = (18, 3, 33, 35)  # two chunks per sample, more samples than BLOCK_N
-    assert shape[0] > triton_agc.BLOCK_N and shape[2] * shape[3] > triton_agc._blocks(3)[0]
+    block_hw = triton_agc._blocks(3, triton_agc.SUMS_TILE)[0]
+    assert shape[0] > triton_agc.BLOCK_N and shape[2] * shape[3] > block_hw
     generator = torch.Generator().manual_seed(10)
     y = (torch.randn(shape, generator=generator) + 0.3).contiguous(
         memory_format=torch.channels_last

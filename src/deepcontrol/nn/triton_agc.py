@@ -27,9 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 4096  # elements of one program's (positions × channels) tile
-PROGRAMS = 1024  # reduction programs to aim for: several per streaming multiprocessor
-MAX_CHUNKS = 256  # chunks per (sample, channel block): the last program adds them up
+TILE = 4096  # elements of one elementwise program's (positions × channels) tile
+# The reduction's launch (scripts/tune_agc_reduction.py times others on a GPU): its tile, the
+# programs to aim for (several per streaming multiprocessor), the most chunks per (sample,
+# channel block), which its last program adds up, and its warps
+SUMS_TILE = 4096
+PROGRAMS = 1024
+MAX_CHUNKS = 256
+SUMS_WARPS = 8
 FINISH = 64  # chunks the last program adds per load
 BLOCK_N = 16  # samples the backward's last program adds per load
 # Whether the kernels run under Triton's interpreter: read, as Triton reads it, at import
@@ -266,10 +271,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _blocks(channels: int) -> tuple[int, int, int]:
+def _blocks(channels: int, tile: int = TILE) -> tuple[int, int, int]:
     """A tile's positions and channels, and how many channel blocks cover ``channels``."""
     block_c = min(64, 1 << (channels - 1).bit_length())
-    return TILE // block_c, block_c, _cdiv(channels, block_c)
+    return tile // block_c, block_c, _cdiv(channels, block_c)
 
 
 def _tiles(t: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
@@ -301,7 +306,7 @@ def _sums(
     float32 sums forward; backward (with ``out`` and the rest), (2, N, C), and λ, γ and β's
     gradients written into ``param_grads``."""
     n, c, h, w = a.shape
-    block_hw, block_c, c_blocks = _blocks(c)
+    block_hw, block_c, c_blocks = _blocks(c, SUMS_TILE)
     chunks = min(_cdiv(h * w, block_hw), _cdiv(PROGRAMS, n * c_blocks), MAX_CHUNKS)
     rows = _cdiv(_cdiv(h * w, chunks), block_hw) * block_hw
     chunks = _cdiv(h * w, rows)
@@ -313,7 +318,8 @@ def _sums(
         a, out if grad else a, bias if grad else unused, partial, sums, counts,
         *((y_sums, weight, *param_grads) if grad else (unused,) * 5),
         n, c, h * w, rows, *strides,
-        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_N=BLOCK_N, FINISH=FINISH, GRAD=grad, num_warps=8,
+        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_N=BLOCK_N, FINISH=FINISH, GRAD=grad,
+        num_warps=SUMS_WARPS,
     )  # fmt: skip
     return sums
 

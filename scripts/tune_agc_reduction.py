@@ -1,0 +1,165 @@
+"""Time the fused AGC's reduction per launch configuration, to choose its settings for a GPU.
+
+python scripts/tune_agc_reduction.py [--batch 8] [--precision bf16] [--replays 20]
+    On a CUDA GPU: SegNet's AGC inputs at 256×512 (as training feeds them: channels_last,
+    under autocast), and for each configuration of ``deepcontrol.nn.triton_agc``'s
+    reduction (SUMS_TILE, PROGRAMS, MAX_CHUNKS, SUMS_WARPS) the forward and backward
+    reductions of every layer, as one training step runs them. Each configuration's sums are
+    first checked against torch's. Then its launches are captured in a CUDA graph and
+    replayed, so the time is the kernels' and not the host's launching them. Prints ms per
+    step and GB/s over the bytes the reductions must read, the fastest first.
+    Without a GPU: a small input under Triton's interpreter, checking the sums only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+from collections.abc import Callable, Iterable
+
+import torch
+
+if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn imports it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from deepcontrol.benchmark import build  # noqa: E402
+from deepcontrol.engine import autocast  # noqa: E402
+from deepcontrol.nn import AutoGainControl2d  # noqa: E402
+from deepcontrol.nn import triton_agc as kernels  # noqa: E402
+
+SETTINGS = ("SUMS_TILE", "PROGRAMS", "MAX_CHUNKS", "SUMS_WARPS")
+GRID = {"SUMS_TILE": (2048, 4096, 8192, 16384), "PROGRAMS": (512, 1024, 2048, 4096),
+        "MAX_CHUNKS": (256, 1024), "SUMS_WARPS": (4, 8)}  # fmt: skip
+
+
+def agc_inputs(batch: int, height: int, width: int, precision: str,
+               device: torch.device) -> list[torch.Tensor]:  # fmt: skip
+    """The inputs of SegNet's AGC layers in one forward, as training computes them."""
+    model, inputs = build("agc", device), []
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
+             for m in model.modules() if isinstance(m, AutoGainControl2d)]  # fmt: skip
+    images = torch.randn(batch, 3, height, width, device=device)
+    with torch.no_grad(), autocast(device, precision):
+        model(images.contiguous(memory_format=torch.channels_last))
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+def reductions(inputs: Iterable[torch.Tensor]) -> tuple[Callable[[], list], list, int]:
+    """A function running the forward and backward reductions of every layer (each with
+    random λ, γ, β and upstream gradient) and returning their sums; each layer's (y, out,
+    upstream gradient, (λ, γ, β)); and the bytes the reductions read."""
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for y in inputs:
+        params = [(torch.rand(y.shape[1], generator=generator) + 0.5).to(y.device)
+                  for _ in range(3)]  # fmt: skip
+        out = kernels.forward(y, *params)[0]
+        grad = torch.randn(y.shape, generator=generator).to(y.device, y.dtype)
+        layers.append((y, out, grad.contiguous(memory_format=torch.channels_last), params))
+
+    def run() -> list:
+        found = []
+        for y, out, grad, (lam, gamma, beta) in layers:
+            strides, counts = kernels._strides(y), kernels._counters(y)
+            sums = kernels._sums(y, strides, counts)
+            param_grads = tuple(torch.empty_like(p) for p in (lam, gamma, beta))
+            found.append((sums, kernels._sums(grad, strides, counts, out, beta, sums[0], gamma,
+                                              param_grads)))  # fmt: skip
+        return found
+
+    return run, layers, sum(3 * y.numel() * y.element_size() for y, *_ in layers)
+
+
+def wrong_sums(run: Callable[[], list], layers: list) -> str:
+    """Where ``run``'s sums differ from torch's beyond float32 reordering; "" if nowhere."""
+    for index, ((sums, grad_sums), (y, out, grad, params)) in enumerate(
+        zip(run(), layers, strict=True)
+    ):
+        beta = params[2].to(y.dtype).float().view(1, -1, 1, 1)
+        g = grad.float() * (out > 0)
+        expected = [y.float().sum((2, 3)), g.sum((2, 3)), (g * (out.float() - beta)).sum((2, 3))]
+        for got, want in zip([sums[0], grad_sums[0], grad_sums[1]], expected, strict=True):
+            error = float((got - want).norm() / want.norm().clamp(min=1e-30))
+            if error > 1e-4:
+                return f"layer {index}: relative error {error:.1e}"
+    return ""
+
+
+def device_ms(run: Callable[[], list], replays: int) -> float:
+    """Median ms of one ``run()`` on the GPU: captured in a CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compiles, outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return statistics.median(times)
+
+
+def tune(inputs: list[torch.Tensor], configurations: list[dict], replays: int) -> list[dict]:
+    """Each configuration's check and, on a GPU, its time; the committed settings restored."""
+    committed = {name: getattr(kernels, name) for name in SETTINGS}
+    run, layers, nbytes = reductions(inputs)
+    rows = []
+    try:
+        for configuration in configurations:
+            for name, value in configuration.items():
+                setattr(kernels, name, value)
+            row = {**configuration, "committed": configuration == committed,
+                   "wrong": wrong_sums(run, layers)}  # fmt: skip
+            if not row["wrong"] and inputs[0].is_cuda:
+                row["ms"] = device_ms(run, replays)
+                row["gb_per_s"] = nbytes / row["ms"] / 1e6
+            rows.append(row)
+    finally:
+        for name, value in committed.items():
+            setattr(kernels, name, value)
+    return sorted(rows, key=lambda r: (bool(r["wrong"]), r.get("ms", 0.0)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--replays", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    height, width = (256, 512) if device.type == "cuda" else (32, 64)
+    inputs = agc_inputs(args.batch if device.type == "cuda" else 1, height, width,
+                        args.precision, device)  # fmt: skip
+    grid = [dict(zip(SETTINGS, v, strict=True)) for v in itertools.product(*GRID.values())]
+    committed = {name: getattr(kernels, name) for name in SETTINGS}
+    configurations = [committed] + [c for c in grid if c != committed]
+    if device.type == "cpu":
+        configurations = configurations[:2]
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{len(inputs)} AGC inputs, {args.precision}, batch {inputs[0].shape[0]}, "
+          f"{height}×{width}, on {gpu}")  # fmt: skip
+    for row in tune(inputs, configurations, args.replays):
+        settings = " ".join(f"{name} {row[name]}" for name in SETTINGS)
+        mark = "  (committed)" if row["committed"] else ""
+        if row["wrong"]:
+            print(f"{settings}: WRONG SUMS, {row['wrong']}{mark}")
+        elif "ms" in row:
+            print(f"{settings}: {row['ms']:.3f} ms per step, {row['gb_per_s']:.0f} GB/s{mark}")
+        else:
+            print(f"{settings}: sums right (not timed without a GPU){mark}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""scripts/tune_agc_reduction.py: each configuration's sums are checked before it is timed."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepcontrol.nn import fused_agc
+
+pytestmark = pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tune_agc_reduction.py"
+
+
+@pytest.fixture(scope="module")
+def tuner():
+    spec = importlib.util.spec_from_file_location("tune_agc_reduction", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_inputs() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [(torch.randn(shape, generator=generator) + 0.3).to(device, torch.bfloat16)
+            .contiguous(memory_format=torch.channels_last)
+            for shape in ((2, 16, 24, 40), (1, 80, 9, 7))]  # fmt: skip
+
+
+def test_each_configuration_is_checked_and_the_committed_one_restored(tuner):
+    kernels = tuner.kernels
+    committed = {name: getattr(kernels, name) for name in tuner.SETTINGS}
+    # few, small chunks: several programs per sample and the last program's loop over them
+    other = {"SUMS_TILE": 1024, "PROGRAMS": 4096, "MAX_CHUNKS": 2, "SUMS_WARPS": 4}
+    rows = tuner.tune(small_inputs(), [committed, other], replays=2)
+    assert [row["wrong"] for row in rows] == ["", ""]
+    assert [row["committed"] for row in rows if row["SUMS_TILE"] == 1024] == [False]
+    assert {name: getattr(kernels, name) for name in tuner.SETTINGS} == committed
+
+
+def test_wrong_sums_are_reported_not_timed(tuner, monkeypatch):
+    sums = tuner.kernels._sums
+    monkeypatch.setattr(tuner.kernels, "_sums", lambda *args: sums(*args) * 1.001)
+    committed = {name: getattr(tuner.kernels, name) for name in tuner.SETTINGS}
+    [row] = tuner.tune(small_inputs(), [committed], replays=2)
+    assert row["wrong"].startswith("layer 0: relative error 1.0e-03")
+    assert "ms" not in row
