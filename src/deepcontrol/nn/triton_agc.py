@@ -63,11 +63,14 @@ def _rounded_unfused(x, dtype: tl.constexpr):
     subtraction after it: for sm_90 it made ``y - round(λ·m)`` one ``fma(-m, λ, y)``, which
     drops the rounding of λ·m. On an H100, 6% of bf16 outputs then differed from the
     reference's by a unit in the last place, and the ReLU of some outputs near 0 flipped
-    (results/benchmark-h100/README.md). Clearing the low 16 bits changes no bf16 value, but
-    LLVM cannot prove that, so it keeps the rounding."""
+    (results/benchmark-h100/README.md); fp16 compiled the same way. Clearing the low bits
+    that the dtype lacks (16 for bf16, 13 for fp16) changes no value of it, but LLVM cannot
+    prove that, so it keeps the rounding."""
     x = _rounded(x, dtype)
     if dtype == tl.bfloat16:
         x = (x.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:
+        x = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
     return x
 
 
