@@ -219,9 +219,10 @@ def _agc_relu_kernel(
     lam = _param(lam_ptr, c, c_ok, dtype)
     gamma = _param(gamma_ptr, c, c_ok, dtype)
     beta = _param(beta_ptr, c, c_ok, dtype)
-    # λ·m as a bf16 value the compiler cannot fuse back, so y - λ·m compiles to one bf16
-    # subtraction (rounded as the float32 one would be); the forward stays at about 18
-    # instructions per element (tests/test_triton_codegen.py)
+    # λ·m rounded to the activations' dtype and hidden from the compiler, which cannot fuse
+    # it back; y - λ·m then compiles to one subtraction in that dtype (rounded as the float32
+    # one would be), and the bf16 forward to about 18 instructions per element
+    # (tests/test_triton_codegen.py)
     sub = _rounded_unfused(lam * mean, dtype).to(dtype).to(tl.float32)[None, :]
     y = tl.load(y_ptr + at, mask=ok, other=0.0)
     res = _rounded(_rounded(y.to(tl.float32) - sub, dtype) * gamma[None, :], dtype) + beta[None, :]
