@@ -24,28 +24,12 @@ import torch
 if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn imports it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from deepcontrol.benchmark import build  # noqa: E402
-from deepcontrol.engine import autocast  # noqa: E402
-from deepcontrol.nn import AutoGainControl2d  # noqa: E402
+from deepcontrol.benchmark import Config, Setting, agc_inputs  # noqa: E402
 from deepcontrol.nn import triton_agc as kernels  # noqa: E402
 
 SETTINGS = ("SUMS_TILE", "PROGRAMS", "MAX_CHUNKS", "SUMS_WARPS")
 GRID = {"SUMS_TILE": (2048, 4096, 8192, 16384), "PROGRAMS": (512, 1024, 2048, 4096),
         "MAX_CHUNKS": (256, 1024), "SUMS_WARPS": (4, 8)}  # fmt: skip
-
-
-def agc_inputs(batch: int, height: int, width: int, precision: str,
-               device: torch.device) -> list[torch.Tensor]:  # fmt: skip
-    """The inputs of SegNet's AGC layers in one forward, as training computes them."""
-    model, inputs = build("agc", device), []
-    hooks = [m.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
-             for m in model.modules() if isinstance(m, AutoGainControl2d)]  # fmt: skip
-    images = torch.randn(batch, 3, height, width, device=device)
-    with torch.no_grad(), autocast(device, precision):
-        model(images.contiguous(memory_format=torch.channels_last))
-    for hook in hooks:
-        hook.remove()
-    return inputs
 
 
 def reductions(inputs: Iterable[torch.Tensor]) -> tuple[Callable[[], list], list, int]:
@@ -111,9 +95,14 @@ def device_ms(run: Callable[[], list], replays: int) -> float:
     return statistics.median(times)
 
 
+def committed_settings() -> dict:
+    """The reduction's settings as ``deepcontrol.nn.triton_agc`` has them now."""
+    return {name: getattr(kernels, name) for name in SETTINGS}
+
+
 def tune(inputs: list[torch.Tensor], configurations: list[dict], replays: int) -> list[dict]:
     """Each configuration's check and, on a GPU, its time; the committed settings restored."""
-    committed = {name: getattr(kernels, name) for name in SETTINGS}
+    committed = committed_settings()
     run, layers, nbytes = reductions(inputs)
     rows = []
     try:
@@ -139,17 +128,19 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=20)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    height, width = (256, 512) if device.type == "cuda" else (32, 64)
-    inputs = agc_inputs(args.batch if device.type == "cuda" else 1, height, width,
-                        args.precision, device)  # fmt: skip
+    gpu = device.type == "cuda"
+    cfg = Config() if gpu else Config(height=32, width=64)
+    setting = Setting("agc", args.batch if gpu else 1, args.precision, "eager")
+    inputs = agc_inputs(setting, cfg, device)
     grid = [dict(zip(SETTINGS, v, strict=True)) for v in itertools.product(*GRID.values())]
-    committed = {name: getattr(kernels, name) for name in SETTINGS}
+    committed = committed_settings()
     configurations = [committed] + [c for c in grid if c != committed]
-    if device.type == "cpu":
+    if not gpu:
         configurations = configurations[:2]
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{len(inputs)} AGC inputs, {args.precision}, batch {inputs[0].shape[0]}, "
-          f"{height}×{width}, on {gpu}")  # fmt: skip
+    print(
+        f"{len(inputs)} AGC inputs, {args.precision}, batch {setting.batch}, "
+        f"{cfg.height}×{cfg.width}, on {torch.cuda.get_device_name() if gpu else 'cpu'}"
+    )
     for row in tune(inputs, configurations, args.replays):
         settings = " ".join(f"{name} {row[name]}" for name in SETTINGS)
         mark = "  (committed)" if row["committed"] else ""

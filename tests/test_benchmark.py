@@ -162,6 +162,10 @@ def test_figure1_cost_prices_each_run_at_its_own_network_and_norm():
     classnet = seconds(4, 4, 12) + seconds(5, 4, 11)
     assert cost["runs"] == 12
     assert cost["gpu_hours"] == pytest.approx((segnet + classnet) / 3600)
+    agc8 = [r for r in cost["per_run"]
+            if (r["network"], r["norm"], r["batch"]) == ("segnet", "agc", 8)]  # fmt: skip
+    assert [(r["runs"], r["mode"], r["ms_per_step"]) for r in agc8] == [(4, "cudagraphs", 9.0)]
+    assert agc8[0]["gpu_hours"] == pytest.approx(4 * seconds(9, 8, 40) / 3600)
     # a time that failed or went unmeasured: no cost, not a wrong one
     del val_ms[("classnet", "agc")]
     assert figure1_cost(fake_report(ms, {}, val_ms=val_ms), "bf16") is None

@@ -29,20 +29,18 @@ def small_inputs() -> list[torch.Tensor]:
 
 
 def test_each_configuration_is_checked_and_the_committed_one_restored(tuner):
-    kernels = tuner.kernels
-    committed = {name: getattr(kernels, name) for name in tuner.SETTINGS}
+    committed = tuner.committed_settings()
     # few, small chunks: several programs per sample and the last program's loop over them
     other = {"SUMS_TILE": 1024, "PROGRAMS": 4096, "MAX_CHUNKS": 2, "SUMS_WARPS": 4}
     rows = tuner.tune(small_inputs(), [committed, other], replays=2)
     assert [row["wrong"] for row in rows] == ["", ""]
     assert [row["committed"] for row in rows if row["SUMS_TILE"] == 1024] == [False]
-    assert {name: getattr(kernels, name) for name in tuner.SETTINGS} == committed
+    assert tuner.committed_settings() == committed
 
 
 def test_wrong_sums_are_reported_not_timed(tuner, monkeypatch):
     sums = tuner.kernels._sums
     monkeypatch.setattr(tuner.kernels, "_sums", lambda *args: sums(*args) * 1.001)
-    committed = {name: getattr(tuner.kernels, name) for name in tuner.SETTINGS}
-    [row] = tuner.tune(small_inputs(), [committed], replays=2)
+    [row] = tuner.tune(small_inputs(), [tuner.committed_settings()], replays=2)
     assert row["wrong"].startswith("layer 0: relative error 1.0e-03")
     assert "ms" not in row

@@ -240,22 +240,22 @@ def validation_pass(setting: Setting, cfg: Config, device: torch.device) -> Call
 AGC_KERNEL_PASSES = {"_sums_kernel": 3, "_agc_relu_kernel": 2, "_agc_relu_grad_kernel": 3}
 
 
-def agc_activation_bytes(setting: Setting, cfg: Config, device: torch.device) -> int:
-    """Bytes of all AGC layers' inputs in one forward of ``setting``'s network and batch."""
-    model = build(setting.norm, device, setting.network)
-    total = 0
-
-    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        total += inputs[0].numel() * inputs[0].element_size()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, AutoGainControl2d)]  # fmt: skip
+def agc_inputs(setting: Setting, cfg: Config, device: torch.device) -> list[torch.Tensor]:
+    """The inputs of every AGC layer in one forward of ``setting``'s network and batch, as
+    training computes them (random channels_last images, under its autocast)."""
+    model, inputs = build(setting.norm, device, setting.network), []
+    hooks = [m.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+             for m in model.modules() if isinstance(m, AutoGainControl2d)]  # fmt: skip
     with torch.no_grad(), autocast(device, setting.precision):
         model(random_images(setting, cfg, device))
     for hook in hooks:
         hook.remove()
-    return total
+    return inputs
+
+
+def agc_activation_bytes(setting: Setting, cfg: Config, device: torch.device) -> int:
+    """Bytes of all AGC layers' inputs in one forward of ``setting``'s network and batch."""
+    return sum(y.numel() * y.element_size() for y in agc_inputs(setting, cfg, device))
 
 
 def agc_kernel_bandwidth(events: list, activation_bytes: int, steps: int) -> list[str]:
@@ -694,11 +694,11 @@ def targets(report: dict) -> list[dict]:
 def figure1_cost(report: dict, precision: str) -> dict | None:
     """GPU-hours for Figure 1's runs in ``precision``, each priced at its own network's and
     norm's best measured step at its batch and validation forward; None if a time it needs
-    failed or went unmeasured.
+    failed or went unmeasured. ``per_run`` says what each run was priced at, and its share.
 
     Each epoch of a run trains its training split at its batch and validates its validation
     split at the validation batch (as training evaluates, eager)."""
-    hours = 0.0
+    per_run = []
     for run in figure1_run_counts():
         step = _best(report, run.norm, run.batch, precision, MODES, run.network)
         validation = [r for r in report.get("validation", []) if not r["error"]
@@ -709,9 +709,12 @@ def figure1_cost(report: dict, precision: str) -> dict | None:
         val = validation[0]
         epoch_ms = (math.ceil(run.train_images / run.batch) * step["ms_per_step"]
                     + math.ceil(run.val_images / val["batch"]) * val["ms_per_step"])  # fmt: skip
-        hours += run.runs * run.epochs * epoch_ms / 1000 / 3600
-    return {"gpu_hours": hours, "runs": sum(r.runs for r in figure1_run_counts()),
-            "precision": precision}  # fmt: skip
+        per_run.append({"network": run.network, "norm": run.norm, "batch": run.batch,
+                        "runs": run.runs, "mode": step["mode"], "ms_per_step": step["ms_per_step"],
+                        "gpu_hours": run.runs * run.epochs * epoch_ms / 1000 / 3600})  # fmt: skip
+    return {"gpu_hours": sum(r["gpu_hours"] for r in per_run),
+            "runs": sum(r["runs"] for r in per_run), "precision": precision,
+            "per_run": per_run}  # fmt: skip
 
 
 def save_json(report: dict, path: Path) -> None:
