@@ -8,8 +8,9 @@ python scripts/benchmark.py [--out results] [--reduced] [--precisions ...] [--mo
     under 12 GiB; the training loop, validation included, against the bare step (eager at
     batch 8, CUDA-graphed at batch 1); the issue's targets and Figure 1's GPU-hours.
     Without a GPU (or with --reduced) a small grid on the CPU. Writes OUT/benchmark.md and
-    OUT/benchmark.json. With --time-limit, nothing new starts after that many seconds; the
-    report says what is left, and the same command goes on from it.
+    OUT/benchmark.json, after each measurement, so a run killed part way leaves its report.
+    With --time-limit, nothing new starts after that many seconds; the report says what is
+    left, and the same command goes on from it.
 
 python scripts/benchmark.py --profile agc 8 bf16 cudagraphs
     Where that setting's step time goes, by op and kernel (torch.profiler); measures nothing.
@@ -29,7 +30,6 @@ from deepcontrol.benchmark import (
     Setting,
     profile_step,
     run_benchmark,
-    save_json,
     write_report,
 )
 
@@ -72,8 +72,12 @@ def main() -> None:
         print("no CUDA GPU: running the reduced grid on the CPU (code paths, not the targets)")
     saved = args.out / "benchmark.json"
     previous = None if args.fresh or not saved.is_file() else json.loads(saved.read_text())
-    report = run_benchmark(cfg, device, previous, save=lambda partial: save_json(partial, saved))
-    write_report(report, args.out, "python " + " ".join(sys.argv))
+    command = "python " + " ".join(sys.argv)
+    # the whole report after each measurement, so that a run killed by a time limit leaves it
+    report = run_benchmark(
+        cfg, device, previous, save=lambda partial: write_report(partial, args.out, command)
+    )
+    write_report(report, args.out, command)
     print((args.out / "benchmark.md").read_text())
 
 

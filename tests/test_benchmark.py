@@ -86,7 +86,8 @@ def fake_report(ms: dict, peak: dict, loop_ratio: float = 0.95, val_ms: dict | N
     """A report of step times ``ms`` keyed (norm, batch, mode) for SegNet or (network, norm,
     batch, mode), and validation times ``val_ms`` keyed (network, norm)."""
     steps = [{"network": net, "norm": n, "batch": b, "precision": "bf16", "mode": m,
-              "ms_per_step": t, "peak_gib": peak.get((n, b), math.nan), "error": ""}
+              "ms_per_step": t, "images_per_s": 1000 * b / t,
+              "peak_gib": peak.get((n, b), math.nan), "error": ""}
              for key, t in ms.items()
              for net, n, b, m in [key if len(key) == 4 else ("segnet", *key)]]  # fmt: skip
     validation = [{"network": net, "norm": n, "batch": 16, "precision": "bf16",
@@ -122,6 +123,21 @@ def test_targets_are_judged_from_the_measured_ratios():
     assert verdicts["batch 1, bn: best throughput / eager"] == (3.75, True)
     assert verdicts["largest batch under 12.0 GiB: AGC / BN"] == (1.4, True)
     assert verdicts["training loop / bare step, agc, batch 8, eager"] == (0.95, True)
+
+
+def test_the_report_marks_a_target_not_yet_measured_as_such(tmp_path):
+    """A report written part way through a run judges what it can; a target whose times
+    are still missing is "unmeasured", not "no"."""
+    report = fake_report({("agc", 8, "eager"): 10.5, ("none", 8, "eager"): 10.0}, {})
+    report |= {"environment": {"device": "a test"}, "loop": [], "reused_steps": 0,
+               "unmeasured": [], "figure1_cost": [], "pending": ["bn 8 bf16 eager"]}  # fmt: skip
+    report["config"] |= {"height": 256, "width": 512, "steps": 30, "warmup": 10}
+    report["targets"] = targets(report)
+    write_report(report, tmp_path, "pytest")
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "| batch 8, eager: AGC step / no-norm floor | 1.050 | 1.1 | yes |" in text
+    assert "| batch 8: AGC throughput / eager BN | — | 1.3 | unmeasured |" in text
+    assert "Still to measure: bn 8 bf16 eager." in text
 
 
 def test_figure1_runs_are_read_from_the_panels():
@@ -227,7 +243,7 @@ class Cut(Exception):
     """A job's time limit, arriving after some measurements were saved."""
 
 
-def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
+def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path):
     cfg = cpu_config(batches=(1, 2), val_batch=3)
     measured = []
     real_measure = benchmark.measure_step
@@ -240,7 +256,8 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
     saved = []
 
     def save_then_cut(report):
-        saved.append(json.loads(json.dumps(report)))  # what benchmark.json would hold
+        write_report(report, tmp_path, "pytest")  # as scripts/benchmark.py saves
+        saved.append(json.loads((tmp_path / "benchmark.json").read_text()))
         if len(report["steps"]) == 3:
             raise Cut
 
@@ -252,9 +269,17 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch):
     assert measured == [("agc", 1), ("none", 1), ("bn", 3), ("agc", 3), ("bn", 2), ("agc", 2),
                         ("agc", 2)]  # fmt: skip
     assert not partial["complete"] and len(partial["steps"]) == 3 and len(partial["loop"]) == 2
+    assert [len(report["pending"]) for report in saved] == [7, 6, 5, 4, 3, 2, 1]
+    assert partial["pending"] == ["none 2 fp32 eager"] and partial["unmeasured"] == []
+    # the report the killed run left: everything it measured, and what it had still to do
+    text = (tmp_path / "benchmark.md").read_text()
+    assert "| segnet | fp32 | eager | 2 | agc |" in text and "| agc | eager | 2 |" in text
+    assert "| segnet | fp32 | eager | 2 | none |" not in text
+    assert "was still going or was stopped there. Still to measure: none 2 fp32 eager." in text
     report = run_benchmark(cfg, torch.device("cpu"), previous=partial)
     assert measured[7:] == [("none", 2)]  # the one step timing the cut run did not take
     assert report["complete"] and report["reused_steps"] == 3 and report["loop"] == partial["loop"]
+    assert report["pending"] == []
     assert report["validation"] == partial["validation"]
     assert [(r["norm"], r["batch"]) for r in report["steps"]] == [
         ("agc", 1), ("none", 1), ("agc", 2), ("none", 2)]  # fmt: skip

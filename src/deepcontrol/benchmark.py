@@ -505,18 +505,25 @@ def run_benchmark(
     memory-cap search and the loop efficiency (eager, and with CUDA graphs at batch 1).
 
     Measurements in ``previous`` (see :func:`reusable`) are kept, not taken again; ``save``
-    gets the report after each new measurement, marked ``complete: False`` until the end.
-    Past ``cfg.time_limit_s`` nothing new starts: the report lists it under ``unmeasured``
-    and stays ``complete: False``."""
+    gets the report after each new measurement, assessed (targets and cost from what is
+    measured so far), marked ``complete: False`` and listing what is still to come under
+    ``pending``, so that a run killed at any point leaves a readable report. Past
+    ``cfg.time_limit_s`` nothing new starts: the report lists it under ``unmeasured`` and
+    stays ``complete: False``."""
     torch.backends.cudnn.benchmark = True  # as training does (train.cudnn_benchmark)
     limit = math.inf if cfg.time_limit_s is None else cfg.time_limit_s
     deadline = time.monotonic() + limit
     old = reusable(previous, cfg, device) or {}
     report = {"environment": environment(device), "config": asdict(cfg), "steps": [],
               "validation": [], "loop": [], "reused_steps": 0, "unmeasured": [],
-              "complete": False}  # fmt: skip
+              "pending": [], "complete": False}  # fmt: skip
     saved = {kind: {_key(row): row for row in old.get(kind, [])} for kind in SECTIONS}
-    progress = save or (lambda report: None)
+    grid = cfg.settings()
+    order = {_key(asdict(s)): i for i, s in enumerate(grid)}
+
+    def progress() -> None:
+        if save:
+            save(_assessed(report, order, device))
 
     def in_time(what: str) -> bool:
         if time.monotonic() < deadline:
@@ -540,7 +547,7 @@ def run_benchmark(
         note = "  (saved earlier)" if reused else ""
         print(f"{kind:10s} {_label(setting):28s} {found} {row['error']}{note}", flush=True)
         report[kind].append(row)
-        progress(report)
+        progress()
 
     def step(setting: Setting) -> dict:
         return _row(measure_step(setting, cfg, device))
@@ -552,11 +559,24 @@ def run_benchmark(
         bare = _best(report, setting.norm, setting.batch, setting.precision, (setting.mode,))
         return loop_efficiency(setting, cfg, device, bare)
 
+    def cap_search() -> None:
+        cap = old.get("max_batch_under_cap")
+        if cap or in_time("the memory-cap search"):
+            report["max_batch_under_cap"] = cap or {
+                norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
+                for norm in PAPER_NORMS
+            }
+            progress()
+
+    plan: list[tuple[str, Callable[[], None]]] = []  # (what, do it), in the order they run
+
+    def planned(kind: str, setting: Setting, measure: Callable[[Setting], dict]) -> None:
+        plan.append((SECTIONS[kind] + _label(setting), lambda: take(kind, setting, measure)))
+
     # What the targets and Figure 1's cost read comes first, cheapest first (eager steps at
     # Figure 1's batches, validation, the memory cap, the eager loop, then the minute-long
     # compiles and the CUDA-graphed loop), the rest of the grid last: a run cut short keeps
     # them.
-    grid = cfg.settings()
     figure1 = {(r.network, r.batch) for r in figure1_run_counts()}
     first = [s for s in grid if s.precision == cfg.precisions[0] and s.mode == "eager"
              and (s.network, s.batch) in figure1]  # fmt: skip
@@ -565,43 +585,47 @@ def run_benchmark(
         key=lambda s: (s.batch not in TARGET_BATCHES, s.network != "segnet"),
     )
     for setting in first:
-        take("steps", setting, step)
+        planned("steps", setting, step)
     for precision in cfg.precisions:
         for network in dict.fromkeys(r.network for r in figure1_run_counts()
                                      if r.network in cfg.networks):  # fmt: skip
             for norm in PAPER_NORMS:
-                take("validation", Setting(norm, cfg.val_batch, precision, "eager", network),
-                     validation)  # fmt: skip
+                planned("validation", Setting(norm, cfg.val_batch, precision, "eager", network),
+                        validation)  # fmt: skip
     if cfg.memory_cap_gib and device.type == "cuda":
-        cap = old.get("max_batch_under_cap")
-        if cap or in_time("the memory-cap search"):
-            report["max_batch_under_cap"] = cap or {
-                norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
-                for norm in PAPER_NORMS
-            }
-            progress(report)
-
-    def check_loop(mode: str, batch: int) -> None:
-        for norm in PAPER_NORMS:
-            take("loop", Setting(norm, batch, cfg.precisions[0], mode), loop)
-
+        plan.append(("the memory-cap search", cap_search))
     # The loop eager at the largest target batch; with CUDA graphs at batch 1, where each
     # step is shortest and the loop's own host work has the least time to hide in.
-    check_loop("eager", 8 if 8 in cfg.batches else cfg.batches[-1])
-    for setting in compiled:
-        take("steps", setting, step)
+    loop_checks = [("eager", 8 if 8 in cfg.batches else cfg.batches[-1])]
     if any(s.mode == "cudagraphs" and s.batch == 1 for s in compiled):
-        check_loop("cudagraphs", 1)
+        loop_checks.append(("cudagraphs", 1))
+    for norm in PAPER_NORMS:
+        planned("loop", Setting(norm, loop_checks[0][1], cfg.precisions[0], "eager"), loop)
+    for setting in compiled:
+        planned("steps", setting, step)
+    for mode, batch in loop_checks[1:]:
+        for norm in PAPER_NORMS:
+            planned("loop", Setting(norm, batch, cfg.precisions[0], mode), loop)
     for setting in grid:
         if setting not in first and setting not in compiled:
-            take("steps", setting, step)
-    order = {_key(asdict(s)): i for i, s in enumerate(grid)}
+            planned("steps", setting, step)
+    for i, (_, do) in enumerate(plan):
+        report["pending"] = [what for what, _ in plan[i + 1 :]]
+        do()
+    report["complete"] = not report["unmeasured"]
+    return _assessed(report, order, device)
+
+
+def _assessed(report: dict, order: dict[tuple, int], device: torch.device) -> dict:
+    """``report`` with its steps in the grid's ``order`` and its targets and Figure 1's cost
+    judged from what it has measured (none on a CPU, whose numbers say nothing of a GPU's)."""
     report["steps"].sort(key=lambda row: order[_key(row)])
     report["targets"] = targets(report) if device.type == "cuda" else []
     report["figure1_cost"] = [
-        cost for precision in cfg.precisions if (cost := figure1_cost(report, precision))
+        cost
+        for precision in report["config"]["precisions"]
+        if (cost := figure1_cost(report, precision))
     ] if device.type == "cuda" else []  # fmt: skip
-    report["complete"] = not report["unmeasured"]
     return report
 
 
@@ -717,14 +741,11 @@ def figure1_cost(report: dict, precision: str) -> dict | None:
             "per_run": per_run}  # fmt: skip
 
 
-def save_json(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(report, indent=1) + "\n")
-
-
 def write_report(report: dict, out_dir: Path, command: str) -> None:
-    """``benchmark.json`` (everything) and ``benchmark.md`` (tables, targets, cost)."""
-    save_json(report, out_dir / "benchmark.json")
+    """``benchmark.json`` (everything) and ``benchmark.md`` (tables, targets, cost); of an
+    unfinished run too, saying what it has still to measure."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "benchmark.json", json.dumps(report, indent=1) + "\n")
     env = report["environment"]
     lines = ["# Training-step benchmark: SegNet (and ClassNet where Figure 1 trains it)", "",
              f"Command: `{command}`", "",
@@ -779,8 +800,8 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
             # three decimals, so that a ratio just short of its bar (1.096 against 1.1) does
             # not print as the bar itself beside "no"
             value = "—" if t["value"] is None else f"{t['value']:.3f}"
-            lines.append(f"| {t['target']} | {value} | {t['bar']} | "
-                         f"{'yes' if t['met'] else 'no'} |")  # fmt: skip
+            met = "unmeasured" if t["value"] is None else "yes" if t["met"] else "no"
+            lines.append(f"| {t['target']} | {value} | {t['bar']} | {met} |")
     else:
         lines += ["", "Targets: not assessed, no CUDA GPU (a reduced CPU run)."]
     for cost in report["figure1_cost"]:
@@ -792,4 +813,10 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
         lines += ["", f"Not measured, the time limit ({report['config']['time_limit_s']} s) "
                   f"having passed: {'; '.join(report['unmeasured'])}. Running the same "
                   "command again goes on from here."]  # fmt: skip
+    if report.get("pending"):
+        lines += ["", "Unfinished: this report was written after the last measurement above, "
+                  "while the run went on, and was not rewritten since, so the run was still "
+                  "going or was stopped there. Still to measure: "
+                  f"{'; '.join(report['pending'])}. Running the same command again goes on "
+                  "from here."]  # fmt: skip
     write_atomic(out_dir / "benchmark.md", "\n".join(lines) + "\n")
