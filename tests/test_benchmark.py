@@ -292,6 +292,41 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path):
         assert len(measured) == 8  # 4 step timings, 2 validations and the loop's 2 bare steps
 
 
+def test_what_the_targets_and_figure1_read_is_measured_first():
+    """The order a run cut short keeps: the first precision's eager steps at Figure 1's
+    batches, its validation, the eager loop, the compiled steps (the targets' batch, then
+    ClassNet, whose host-bound eager step CUDA graphs change most), the CUDA-graphed loop;
+    then the other precision's validation and the rest of the grid."""
+    cfg = cpu_config(batches=(1, 4, 8), norms=("bn", "agc"), precisions=("bf16", "fp32"),
+                     modes=("eager", "cudagraphs"), compiled_batches=(1, 4),
+                     compiled_precisions=("bf16",), compiled_norms=("agc",),
+                     networks=("segnet", "classnet"))  # fmt: skip
+    plans = []
+
+    def save_then_cut(report):
+        plans.append([*report["pending"]])
+        raise Cut
+
+    with pytest.raises(Cut):
+        run_benchmark(cfg, torch.device("cpu"), save=save_then_cut)
+    assert plans == [[
+        "agc 1 bf16 eager", "bn 4 bf16 eager", "agc 4 bf16 eager", "bn 8 bf16 eager",
+        "agc 8 bf16 eager", "classnet bn 4 bf16 eager", "classnet agc 4 bf16 eager",
+        "validation bn 2 bf16 eager", "validation agc 2 bf16 eager",
+        "validation classnet bn 2 bf16 eager", "validation classnet agc 2 bf16 eager",
+        "the training-loop check, bn 8 bf16 eager", "the training-loop check, agc 8 bf16 eager",
+        "agc 1 bf16 cudagraphs", "classnet bn 4 bf16 cudagraphs", "classnet agc 4 bf16 cudagraphs",
+        "agc 4 bf16 cudagraphs",
+        "the training-loop check, bn 1 bf16 cudagraphs",
+        "the training-loop check, agc 1 bf16 cudagraphs",
+        "validation bn 2 fp32 eager", "validation agc 2 fp32 eager",
+        "validation classnet bn 2 fp32 eager", "validation classnet agc 2 fp32 eager",
+        "bn 1 fp32 eager", "agc 1 fp32 eager", "bn 4 fp32 eager", "agc 4 fp32 eager",
+        "bn 8 fp32 eager", "agc 8 fp32 eager", "classnet bn 4 fp32 eager",
+        "classnet agc 4 fp32 eager",
+    ]]  # fmt: skip
+
+
 def test_the_loop_is_also_checked_with_cuda_graphs_at_batch_1(compile_stand_in):
     """Where each step is shortest, the loop's own host work has the least time to hide
     in. Its bare step is the grid's. (A stand-in compiler replaces inductor and so CUDA
