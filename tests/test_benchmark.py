@@ -127,7 +127,7 @@ def test_targets_are_judged_from_the_measured_ratios():
 
 def test_the_report_marks_a_target_not_yet_measured_as_such(tmp_path):
     """A report written part way through a run judges what it can; a target whose times
-    are still missing is "unmeasured", not "no"."""
+    are still missing is "not judged", not "no"."""
     report = fake_report({("agc", 8, "eager"): 10.5, ("none", 8, "eager"): 10.0}, {})
     report |= {"environment": {"device": "a test"}, "loop": [], "reused_steps": 0,
                "unmeasured": [], "figure1_cost": [], "pending": ["bn 8 bf16 eager"]}  # fmt: skip
@@ -136,7 +136,7 @@ def test_the_report_marks_a_target_not_yet_measured_as_such(tmp_path):
     write_report(report, tmp_path, "pytest")
     text = (tmp_path / "benchmark.md").read_text()
     assert "| batch 8, eager: AGC step / no-norm floor | 1.050 | 1.1 | yes |" in text
-    assert "| batch 8: AGC throughput / eager BN | — | 1.3 | unmeasured |" in text
+    assert "| batch 8: AGC throughput / eager BN | — | 1.3 | not judged |" in text
     assert "Still to measure: bn 8 bf16 eager." in text
 
 

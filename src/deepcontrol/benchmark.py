@@ -806,7 +806,8 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
             # three decimals, so that a ratio just short of its bar (1.096 against 1.1) does
             # not print as the bar itself beside "no"
             value = "—" if t["value"] is None else f"{t['value']:.3f}"
-            met = "unmeasured" if t["value"] is None else "yes" if t["met"] else "no"
+            # no value: a time it needs is still to come, went unmeasured or failed
+            met = "not judged" if t["value"] is None else "yes" if t["met"] else "no"
             lines.append(f"| {t['target']} | {value} | {t['bar']} | {met} |")
     else:
         lines += ["", "Targets: not assessed, no CUDA GPU (a reduced CPU run)."]
