@@ -525,29 +525,27 @@ def run_benchmark(
         if save:
             save(_assessed(report, order, device))
 
-    def in_time(what: str) -> bool:
-        if time.monotonic() < deadline:
-            return True
-        report["unmeasured"].append(what)
-        return False
+    def late() -> bool:
+        return time.monotonic() >= deadline
 
-    def take(kind: str, setting: Setting, measure: Callable[[Setting], dict]) -> None:
+    def take(kind: str, setting: Setting, measure: Callable[[Setting], dict]) -> bool:
         """``setting``'s row in ``report[kind]``: the saved one, or ``measure(setting)``'s if
-        the time limit has not passed."""
+        the time limit has not passed; False if neither."""
         row = saved[kind].get(_key(asdict(setting)))
         reused = row is not None
         if reused and kind == "steps":
             report["reused_steps"] += 1
-        if not reused and in_time(SECTIONS[kind] + _label(setting)):
+        if not reused:
+            if late():
+                return False
             row = measure(setting)
-        if row is None:
-            return
         found = (f"loop / bare step {row['ratio']:.2f}" if kind == "loop" else
                  f"{row['ms_per_step']:8.2f} ms {row['peak_gib']:6.2f} GiB peak")  # fmt: skip
         note = "  (saved earlier)" if reused else ""
         print(f"{kind:10s} {_label(setting):28s} {found} {row['error']}{note}", flush=True)
         report[kind].append(row)
         progress()
+        return True
 
     def step(setting: Setting) -> dict:
         return _row(measure_step(setting, cfg, device))
@@ -559,16 +557,18 @@ def run_benchmark(
         bare = _best(report, setting.norm, setting.batch, setting.precision, (setting.mode,))
         return loop_efficiency(setting, cfg, device, bare)
 
-    def cap_search() -> None:
+    def cap_search() -> bool:
         cap = old.get("max_batch_under_cap")
-        if cap or in_time("the memory-cap search"):
-            report["max_batch_under_cap"] = cap or {
-                norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
-                for norm in PAPER_NORMS
-            }
-            progress()
+        if not cap and late():
+            return False
+        report["max_batch_under_cap"] = cap or {
+            norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device) for norm in PAPER_NORMS
+        }
+        progress()
+        return True
 
-    plan: list[tuple[str, Callable[[], None]]] = []  # (what, do it), in the order they run
+    # (what, do it: False if the time limit kept it from being done), in the order they run
+    plan: list[tuple[str, Callable[[], bool]]] = []
 
     def planned(kind: str, setting: Setting, measure: Callable[[Setting], dict]) -> None:
         plan.append((SECTIONS[kind] + _label(setting), lambda: take(kind, setting, measure)))
@@ -615,9 +615,10 @@ def run_benchmark(
     for setting in grid:
         if setting not in first and setting not in compiled:
             planned("steps", setting, step)
-    for i, (_, do) in enumerate(plan):
-        report["pending"] = [what for what, _ in plan[i + 1 :]]
-        do()
+    for i, (what, do) in enumerate(plan):
+        report["pending"] = [later for later, _ in plan[i + 1 :]]
+        if not do():
+            report["unmeasured"].append(what)
     report["complete"] = not report["unmeasured"]
     return _assessed(report, order, device)
 
