@@ -28,14 +28,42 @@ def small_inputs() -> list[torch.Tensor]:
             for shape in ((2, 16, 24, 40), (1, 80, 9, 7))]  # fmt: skip
 
 
-def test_each_configuration_is_checked_and_the_committed_one_restored(tuner):
+class RecordedLaunches:
+    """Stands in for a Triton kernel and records each launch's grid and warps."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs["num_warps"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_each_configuration_is_checked_with_its_own_launches_and_the_committed_restored(
+    tuner, monkeypatch
+):
     committed = tuner.committed_settings()
     # few, small chunks: several programs per sample and the last program's loop over them
     other = {"SUMS_TILE": 1024, "PROGRAMS": 4096, "MAX_CHUNKS": 2, "SUMS_WARPS": 4}
+    assert committed["MAX_CHUNKS"] > 2 and committed["SUMS_WARPS"] != 4
+    recorded = RecordedLaunches(tuner.kernels._sums_kernel)
+    monkeypatch.setattr(tuner.kernels, "_sums_kernel", recorded)
     rows = tuner.tune(small_inputs(), [committed, other], replays=2)
     assert [row["wrong"] for row in rows] == ["", ""]
     assert [row["committed"] for row in rows if row["SUMS_TILE"] == 1024] == [False]
     assert tuner.committed_settings() == committed
+    # the forward that makes each layer's output, then each configuration's check: a
+    # forward and a backward reduction for each of the 2 layers
+    assert len(recorded.launches) == 2 + 4 + 4
+    as_committed, as_other = recorded.launches[2:6], recorded.launches[6:]
+    assert {warps for _, warps in as_committed} == {committed["SUMS_WARPS"]}
+    assert {warps for _, warps in as_other} == {4}
+    # the first layer (960 positions) has 4 chunks under the committed tile, 2 under the other
+    assert [grid[2] for grid, _ in as_committed[:2]] == [4, 4]
+    assert [grid[2] for grid, _ in as_other[:2]] == [2, 2]
 
 
 def test_wrong_sums_are_reported_not_timed(tuner, monkeypatch):
