@@ -46,9 +46,10 @@ def test_each_configuration_is_checked_with_its_own_launches_and_the_committed_r
     tuner, monkeypatch
 ):
     committed = tuner.committed_settings()
-    # few, small chunks: several programs per sample and the last program's loop over them
-    other = {"SUMS_TILE": 1024, "PROGRAMS": 4096, "MAX_CHUNKS": 2, "SUMS_WARPS": 4}
-    assert committed["MAX_CHUNKS"] > 2 and committed["SUMS_WARPS"] != 4
+    # few, small chunks: several programs per sample and the last program's loop over them;
+    # warps other than the committed ones, whatever the tuner has them set to
+    other = {"SUMS_TILE": 1024, "PROGRAMS": 4096, "MAX_CHUNKS": 2,
+             "SUMS_WARPS": 2 if committed["SUMS_WARPS"] == 4 else 4}  # fmt: skip
     recorded = RecordedLaunches(tuner.kernels._sums_kernel)
     monkeypatch.setattr(tuner.kernels, "_sums_kernel", recorded)
     rows = tuner.tune(small_inputs(), [committed, other], replays=2)
@@ -60,9 +61,8 @@ def test_each_configuration_is_checked_with_its_own_launches_and_the_committed_r
     assert len(recorded.launches) == 2 + 4 + 4
     as_committed, as_other = recorded.launches[2:6], recorded.launches[6:]
     assert {warps for _, warps in as_committed} == {committed["SUMS_WARPS"]}
-    assert {warps for _, warps in as_other} == {4}
-    # the first layer (960 positions) has 4 chunks under the committed tile, 2 under the other
-    assert [grid[2] for grid, _ in as_committed[:2]] == [4, 4]
+    assert {warps for _, warps in as_other} == {other["SUMS_WARPS"]}
+    # the first layer (960 positions) is cut into the other's MAX_CHUNKS
     assert [grid[2] for grid, _ in as_other[:2]] == [2, 2]
 
 

@@ -595,6 +595,10 @@ def run_benchmark(
                 planned("validation", Setting(norm, cfg.val_batch, precision, "eager", network),
                         validation)  # fmt: skip
 
+    def loop_checks(mode: str, batch: int) -> None:
+        for norm in PAPER_NORMS:
+            planned("loop", Setting(norm, batch, cfg.precisions[0], mode), loop)
+
     for setting in first:
         planned("steps", setting, step)
     validations(cfg.precisions[0])
@@ -602,14 +606,11 @@ def run_benchmark(
         plan.append(("the memory-cap search", cap_search))
     # The loop eager at the largest target batch; with CUDA graphs at batch 1, where each
     # step is shortest and the loop's own host work has the least time to hide in.
-    eager_loop_batch = 8 if 8 in cfg.batches else cfg.batches[-1]
-    for norm in PAPER_NORMS:
-        planned("loop", Setting(norm, eager_loop_batch, cfg.precisions[0], "eager"), loop)
+    loop_checks("eager", 8 if 8 in cfg.batches else cfg.batches[-1])
     for setting in compiled:
         planned("steps", setting, step)
     if any(s.mode == "cudagraphs" and s.batch == 1 for s in compiled):
-        for norm in PAPER_NORMS:
-            planned("loop", Setting(norm, 1, cfg.precisions[0], "cudagraphs"), loop)
+        loop_checks("cudagraphs", 1)
     for precision in cfg.precisions[1:]:
         validations(precision)
     for setting in grid:
