@@ -16,9 +16,13 @@ endif
 .PHONY: install demo test lint clean reproduce-fig1 fig1-smoke bench
 
 # make reproduce-fig1 [DATA=cityscapes|camvid] [ARGS="epochs=30 ..."] [LAUNCHER=gpu_pool|basic|slurm]
-#                     [RUNS=outputs/$(DATA)] [RESULTS=results/$(DATA)]
+#                     [RUNS=outputs/$(DATA)] [RESULTS=results/$(DATA)] [SEEDS=0,1,2]
 DATA ?= cityscapes
 ARGS ?=
+# SEEDS=0,1,2 trains every run once per seed; each panel then draws a setting's mean over its
+# seeds, shaded from the lowest to the highest, and the table adds the means
+SEEDS ?=
+FIG1_ARGS = $(ARGS)$(if $(SEEDS), seed=$(SEEDS))
 LAUNCHER ?= gpu_pool
 RUNS ?= outputs/$(DATA)
 RESULTS ?= results/$(DATA)
@@ -46,10 +50,10 @@ demo: $(SETUP)
 # runs.csv, the figure, the λ figure and the table in $(RESULTS). The cache is checked first.
 reproduce-fig1: $(SETUP)
 	$(PY) scripts/prepare_data.py data=$(DATA) $(ARGS)
-	$(PY) -m deepcontrol.train --multirun experiment=fig1 data=$(DATA) $(ARGS) \
+	$(PY) -m deepcontrol.train --multirun experiment=fig1 data=$(DATA) $(FIG1_ARGS) \
 		hydra/launcher=$(LAUNCHER) hydra.sweep.dir=$(RUNS)
 	$(PY) scripts/collect_results.py $(RUNS) $(RESULTS)
-	$(PY) scripts/plot_fig1.py $(RESULTS) data=$(DATA) $(ARGS)
+	$(PY) scripts/plot_fig1.py $(RESULTS) data=$(DATA) $(FIG1_ARGS)
 
 fig1-smoke: $(SETUP)
 	$(PY) -m deepcontrol.train --multirun experiment=fig1 $(SMOKE_ARGS) \

@@ -19,9 +19,11 @@ from deepcontrol.figure1 import (
     claims_measured,
     draw_panel,
     lambda_figure,
+    panel_membership,
     panel_run_names,
+    write_table,
 )
-from deepcontrol.results import collect_runs, read_runs_csv, write_runs_csv
+from deepcontrol.results import collect_runs, gather_runs, read_runs_csv, write_runs_csv
 from deepcontrol.sweeps import experiment_jobs
 
 EXPECTED_RUNS = {  # (model, norm, batch, lr) of Figure 1's panels, from the paper's caption
@@ -195,3 +197,100 @@ def test_lambda_figure_follows_segnet_and_skips_other_networks_layers():
     assert all(math.isfinite(y) for line in right.get_lines() for y in line.get_ydata())
     assert len(left.get_lines()) == 3  # two runs and the λ = 1 guide
     assert lambda_figure({"segnet-bn": [{"model": "segnet", "epoch": 1.0}]}) is None
+
+
+def seed_run(norm, seed, errors, status="finished", batch=4, lr=None):
+    """runs.csv's rows of one SegNet run: its validation pixel error per epoch."""
+    lr = round(0.02 * batch, 10) if lr is None else lr
+    base = dict(model="segnet", norm=norm, data="synthetic", batch_size=batch, lr=lr,
+                epochs=150, seed=seed, status=status, diverged_epoch=math.nan)  # fmt: skip
+    if status == "diverged":
+        base["diverged_epoch"] = len(errors) + 1
+    rows = [{**base, "epoch": float(e), "val_pixel_error": v} for e, v in enumerate(errors, 1)]
+    return rows or [{**base, "epoch": math.nan}]
+
+
+def test_seeds_of_a_setting_draw_one_mean_curve_shaded_by_their_spread():
+    runs = {"bn0": seed_run("bn", 0, [0.5, 0.3]), "bn1": seed_run("bn", 1, [0.6, 0.2]),
+            "bn2": seed_run("bn", 2, [0.4, 0.4]), "agc0": seed_run("agc", 0, [0.7, 0.5]),
+            "agc1": seed_run("agc", 1, [], "diverged"),
+            "agc2": seed_run("agc", 2, [0.9], "running")}  # fmt: skip
+    ax = Figure().subplots()
+    panel = next(p for p in PANELS if p.letter == "c")
+    draw_panel(ax, panel, [*runs, "not-run"], runs)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["BN (3 seeds)", "AGC (3 seeds; 1 diverged at epoch 1; 1 running)"]
+    bn, agc = (
+        next(line for line in ax.get_lines() if line.get_label() == label) for label in labels
+    )
+    assert list(bn.get_xdata()) == [1, 2] and list(bn.get_ydata()) == pytest.approx([50, 30])
+    # AGC's mean stops where its running seed is; the diverged seed is left out of it
+    assert list(agc.get_xdata()) == [1] and list(agc.get_ydata()) == pytest.approx([80])
+    bands = [c.get_paths()[0].vertices[:, 1] for c in ax.collections]
+    assert len(bands) == 2
+    assert (bands[0].min(), bands[0].max()) == pytest.approx((20, 60))
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert len(crosses) == 1 and crosses[0].get_color() == agc.get_color()
+    assert any("not-run" in t.get_text() for t in ax.texts)
+
+
+def test_table_and_claims_give_the_mean_over_seeds(tmp_path):
+    final = {
+        ("bn", 1): (0.30, 0.20),
+        ("bn", 4): (0.10, 0.12),
+        ("bn", 8): (0.10, 0.10),
+        ("agc", 1): (0.11, 0.13),
+        ("agc", 4): (0.12, 0.14),
+        ("agc", 8): (0.12, 0.12),
+    }
+    runs = {}
+    for (norm, batch), errors in final.items():
+        for seed, error in enumerate(errors):
+            name = f"segnet-{norm}-synthetic-b{batch}-lr{round(0.02 * batch, 10)}-s{seed}-e150"
+            runs[name] = seed_run(norm, seed, [0.5] * 5 + [error], batch=batch)
+    runs["segnet-agc-synthetic-b8-lr0.64-s0-e150"] = seed_run("agc", 0, [0.5], "diverged", 8, 0.64)
+    runs["segnet-agc-synthetic-b8-lr0.64-s1-e150"] = seed_run("agc", 1, [0.3], "running", 8, 0.64)
+    lines = claims_measured(runs)
+    assert lines[0] == (
+        "segnet, batch 4, lr 0.08: final error AGC 13.00% vs BN 11.00% "
+        "(AGC − BN = +2.00 points). Means over 2 seeds."
+    )
+    assert "batch 1 − mean of 4 and 8 = +14.50 points" in lines[1]
+    membership = panel_membership(["data=synthetic", "seed=0,1"])
+    assert set(runs) <= set(membership["a"] + membership["b"] + membership["h"])
+    write_table(runs, membership, tmp_path)
+    table = (tmp_path / "fig1_table.md").read_text()
+    section = table[table.index("## Over seeds") : table.index("## The paper's claims")]
+    # the final error, then the mean of the last 5 epochs: (4 × 50 + 30) / 5 = 46% for seed 0
+    assert (
+        "| segnet, BN, batch 1, lr 0.02 | 0, 1 | 25.00 (30.00 / 20.00) | 45.00 (46.00 / 44.00) |"
+    ) in section
+    assert "| segnet, AGC, batch 8, lr 0.64 | 1 (running); 0 diverged | 30.00 (30.00) |" in section
+    assert "Means over 2 seeds." in table
+
+
+def test_runs_of_several_sweeps_gather_into_one_table(tmp_path):
+    run = tmp_path / "outputs" / "run"
+    run.mkdir(parents=True)
+    OmegaConf.save(compose(["seed=1"]), run / "config.yaml", resolve=True)
+    (run / "summary.json").write_text(json.dumps({"status": "finished"}))
+    (run / "metrics.csv").write_text("epoch,val_pixel_error\n1,0.5\n")
+    earlier = tmp_path / "seed0" / "runs.csv"
+    write_runs_csv([{"run_name": "segnet-bn-synthetic-b4-lr0.08-s0-e150", "seed": 0, "epoch": 1,
+                     "val_pixel_error": 0.4, "lambda_01": 0.9}], earlier)  # fmt: skip
+    rows = gather_runs([earlier, tmp_path / "outputs"])
+    write_runs_csv(rows, tmp_path / "all" / "runs.csv")
+    runs = read_runs_csv(tmp_path / "all" / "runs.csv")
+    assert sorted(runs) == [
+        "segnet-bn-synthetic-b4-lr0.08-s0-e150",
+        "segnet-bn-synthetic-b4-lr0.08-s1-e150",
+    ]
+    assert runs["segnet-bn-synthetic-b4-lr0.08-s0-e150"][0]["lambda_01"] == 0.9
+    assert math.isnan(runs["segnet-bn-synthetic-b4-lr0.08-s1-e150"][0]["lambda_01"])
+    with pytest.raises(
+        ValueError, match="s0-e150 is in both .*seed0/runs.csv and .*seed0/runs.csv"
+    ):
+        gather_runs([earlier, earlier])
+    (tmp_path / "bad.csv").write_text("epoch\n1\n")
+    with pytest.raises(ValueError, match="bad.csv: expected a runs.csv with a run_name column"):
+        gather_runs([tmp_path / "bad.csv"])

@@ -90,7 +90,47 @@ def _curve_label(rows: list[dict], vary: tuple[str, ...]) -> str:
     return ", ".join(parts[key] for key in vary)
 
 
+SETTING = ("model", "norm", "data", "batch_size", "lr", "epochs")  # a run's settings but seed
+
+
+def by_setting(names: list[str], runs: dict) -> tuple[list[list[list[dict]]], list[str]]:
+    """The runs of ``names`` found in ``runs``, grouped by setting (all but the seed) in the
+    order first named, and the names not found."""
+    groups: dict[tuple, list[list[dict]]] = {}
+    missing = []
+    for name in names:
+        rows = runs.get(name)
+        if rows:
+            groups.setdefault(tuple(rows[0].get(k) for k in SETTING), []).append(rows)
+        else:
+            missing.append(name)
+    return list(groups.values()), missing
+
+
+def _epochs(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not math.isnan(r.get("epoch", math.nan))]
+
+
+def _status_note(group: list[list[dict]]) -> str:
+    """What a curve's label says about its runs: how many seeds, and how many of them
+    diverged (and in which epoch) or have not finished."""
+    many = len(group) > 1
+    notes = [f"{len(group)} seeds"] if many else []
+    statuses = [str(rows[0]["status"]) for rows in group]
+    for status in dict.fromkeys(s for s in statuses if s != "finished"):
+        note = f"{statuses.count(status)} {status}" if many else status
+        if status == "diverged":
+            epochs = [f"{rows[0]['diverged_epoch']:g}" for rows in group
+                      if rows[0]["status"] == status]  # fmt: skip
+            note += f" at epoch{'s' * (len(epochs) > 1)} {', '.join(epochs)}"
+        notes.append(note)
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def draw_panel(ax: Axes, panel: Panel, names: list[str], runs: dict) -> None:
+    """One panel: a curve per setting. Several seeds of a setting draw their mean over the
+    epochs all have reached, shaded from their lowest to their highest value; a run that
+    diverged keeps its own curve, ending in a cross, and stays out of the mean."""
     ax.set_title(f"({panel.letter}) {panel.title}", fontsize=9, loc="left")
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel(METRIC_LABEL[panel.metric], fontsize=8)
@@ -98,28 +138,32 @@ def draw_panel(ax: Axes, panel: Panel, names: list[str], runs: dict) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     scale = 100 if panel.metric == "val_pixel_error" else 1
-    missing = []
-    for name in names:
-        rows = runs.get(name)
-        if not rows:
-            missing.append(name)
-            continue
-        done = [r for r in rows if not math.isnan(r.get("epoch", math.nan))]
-        label = _curve_label(rows, panel.vary)
-        status = rows[0]["status"]
-        if status == "diverged":
-            label += f" (diverged at epoch {rows[0]['diverged_epoch']:g})"
-        elif status != "finished":
-            label += f" ({status})"
-        (line,) = ax.plot([r["epoch"] for r in done], [r[panel.metric] * scale for r in done], "-o",
-                          label=label, lw=1.2, ms=2)  # fmt: skip
-        if status == "diverged":
+    groups, missing = by_setting(names, runs)
+    for group in groups:
+        label = _curve_label(group[0], panel.vary) + _status_note(group)
+        color = None
+        alive = [_epochs(rows) for rows in group if rows[0]["status"] != "diverged"]
+        if alive:
+            epochs = sorted(set.intersection(*({r["epoch"] for r in rows} for rows in alive)))
+            values = [[next(r[panel.metric] * scale for r in rows if r["epoch"] == e)
+                       for rows in alive] for e in epochs]  # fmt: skip
+            (line,) = ax.plot(epochs, [sum(v) / len(v) for v in values], "-o", label=label,
+                              lw=1.2, ms=2)  # fmt: skip
+            color, label = line.get_color(), None
+            if len(alive) > 1:
+                ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values],
+                                color=color, alpha=0.2, lw=0)  # fmt: skip
+        for rows in (rows for rows in group if rows[0]["status"] == "diverged"):
+            done = _epochs(rows)
+            (line,) = ax.plot([r["epoch"] for r in done], [r[panel.metric] * scale for r in done],
+                              "-o", color=color, label=label, lw=1.2, ms=2)  # fmt: skip
+            color, label = line.get_color(), None
             y = done[-1][panel.metric] * scale if done else ax.get_ylim()[1]
-            ax.plot([rows[0]["diverged_epoch"]], [y], "x", color=line.get_color(), ms=8)
+            ax.plot([rows[0]["diverged_epoch"]], [y], "x", color=color, ms=8)
     if missing:
         ax.text(0.98, 0.98, "not yet run:\n" + "\n".join(missing), ha="right", va="top",
                 transform=ax.transAxes, fontsize=6, color="0.4")  # fmt: skip
-    if len(names) > len(missing):
+    if groups:
         ax.legend(fontsize=7)
 
 
@@ -152,8 +196,11 @@ def lambda_figure(runs: dict) -> Figure | None:
     fig = Figure(figsize=(11, 4), layout="tight")
     left, right = fig.subplots(1, 2)
 
+    seeds = {rows[0].get("seed") for rows in agc.values()}
+
     def label(rows: list[dict]) -> str:
-        return f"{rows[0]['model']}, {_curve_label(rows, ('batch', 'lr'))}"
+        seed = f", seed {rows[0]['seed']:g}" if len(seeds) > 1 else ""
+        return f"{rows[0]['model']}, {_curve_label(rows, ('batch', 'lr'))}{seed}"
 
     def layers(row: dict) -> list[int]:  # runs.csv has every network's λ columns
         return sorted(int(k.split("_")[1]) for k, v in row.items()
@@ -208,35 +255,51 @@ def _percent(value: float) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
-def claims_measured(runs: dict) -> list[str]:
-    """What the runs at hand say about each of the paper's claims, as measured numbers."""
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
-    def final(norm: str, batch: int, lr: float, model: str = "segnet") -> float | None:
-        for rows in runs.values():
-            r = rows[0]
-            if (r["model"], r["norm"], r["batch_size"], r["lr"]) == (model, norm, batch, lr):
-                done = [x for x in rows if not math.isnan(x.get("epoch", math.nan))]
-                return done[-1]["val_pixel_error"] if done else None
-        return None
+
+def _seeds_note(*finals: list[float]) -> str:
+    """How many seeds a claim's means are over, when more than one."""
+    counts = sorted({len(f) for f in finals})
+    if counts == [1]:
+        return ""
+    return f" Means over {counts[0]}{f' to {counts[-1]}' if len(counts) > 1 else ''} seeds."
+
+
+def claims_measured(runs: dict) -> list[str]:
+    """What the runs at hand say about each of the paper's claims, as measured numbers; a
+    setting run with several seeds counts with the mean of their final errors."""
+
+    def finals(norm: str, batch: int, lr: float, model: str = "segnet") -> list[float]:
+        return [done[-1]["val_pixel_error"] for rows in runs.values()
+                if (rows[0]["model"], rows[0]["norm"], rows[0]["batch_size"], rows[0]["lr"])
+                == (model, norm, batch, lr) and (done := _epochs(rows))]  # fmt: skip
 
     lines = []
     for model in ("segnet", "classnet"):
-        agc, bn = final("agc", 4, 0.08, model), final("bn", 4, 0.08, model)
-        if agc is not None and bn is not None:
+        agc, bn = finals("agc", 4, 0.08, model), finals("bn", 4, 0.08, model)
+        if agc and bn:
             lines.append(
-                f"{model}, batch 4, lr 0.08: final error AGC {_percent(agc)}% vs BN "
-                f"{_percent(bn)}% (AGC − BN = {100 * (agc - bn):+.2f} points)."
+                f"{model}, batch 4, lr 0.08: final error AGC {_percent(_mean(agc))}% vs BN "
+                f"{_percent(_mean(bn))}% (AGC − BN = {100 * (_mean(agc) - _mean(bn)):+.2f} "
+                f"points).{_seeds_note(agc, bn)}"
             )
-    bn1, bn4, bn8 = (final("bn", b, round(0.02 * b, 10)) for b in (1, 4, 8))
-    if None not in (bn1, bn4, bn8):
-        lines.append(f"BN final error at batch 1 / 4 / 8: {_percent(bn1)} / {_percent(bn4)} / "
-                     f"{_percent(bn8)}% (batch 1 − mean of 4 and 8 = "
-                     f"{100 * (bn1 - (bn4 + bn8) / 2):+.2f} points).")  # fmt: skip
-    agcs = [final("agc", b, round(0.02 * b, 10)) for b in (1, 4, 8)]
-    if None not in agcs:
-        lines.append(f"AGC final error at batch 1 / 4 / 8: "
-                     f"{' / '.join(_percent(a) for a in agcs)}% (spread "
-                     f"{100 * (max(agcs) - min(agcs)):.2f} points).")  # fmt: skip
+    bns = [finals("bn", b, round(0.02 * b, 10)) for b in (1, 4, 8)]
+    if all(bns):
+        bn1, bn4, bn8 = map(_mean, bns)
+        gap = 100 * (bn1 - (bn4 + bn8) / 2)
+        lines.append(
+            f"BN final error at batch 1 / 4 / 8: {_percent(bn1)} / {_percent(bn4)} / "
+            f"{_percent(bn8)}% (batch 1 − mean of 4 and 8 = {gap:+.2f} points)." + _seeds_note(*bns)
+        )
+    agcs = [finals("agc", b, round(0.02 * b, 10)) for b in (1, 4, 8)]
+    if all(agcs):
+        means = [_mean(a) for a in agcs]
+        lines.append(
+            f"AGC final error at batch 1 / 4 / 8: {' / '.join(_percent(a) for a in means)}% "
+            f"(spread {100 * (max(means) - min(means)):.2f} points)." + _seeds_note(*agcs)
+        )
     return lines
 
 
@@ -255,7 +318,7 @@ def write_table(runs: dict, membership: dict, out_dir: Path, header: str = "") -
         if not rows:
             lines.append(f"| {', '.join(letters)} | {name} | not yet run | | | | |")
             continue
-        done = [r for r in rows if not math.isnan(r.get("epoch", math.nan))]
+        done = _epochs(rows)
         first = rows[0]
         status = first["status"]
         if status == "diverged":
@@ -270,7 +333,46 @@ def write_table(runs: dict, membership: dict, out_dir: Path, header: str = "") -
             f"{_percent(done[-1]['val_pixel_error']) if done else '—'} | "
             f"{best_text} | {paper} |"
         )
+    lines += _seeds_table(list(panels_of), runs)
     lines += ["", "## The paper's claims", ""] + [f"- {c}" for c in PAPER_CLAIMS]
     lines += ["", "## What these runs measured", ""]
-    lines += [f"- {c}" for c in claims_measured(runs)] or ["- (no comparable runs yet)"]
+    drawn = {name: runs[name] for name in panels_of if name in runs}
+    lines += [f"- {c}" for c in claims_measured(drawn)] or ["- (no comparable runs yet)"]
     write_atomic(out_dir / "fig1_table.md", "\n".join(lines) + "\n")
+
+
+def _seeds_table(names: list[str], runs: dict, last: int = 5) -> list[str]:
+    """The table's section on settings run with several seeds (none without): each setting's
+    final error and its mean over the ``last`` epochs, as the mean of its seeds and each
+    seed's; curves that move by points from one epoch to the next compare better over
+    several epochs than at the last one."""
+    groups = by_setting(names, runs)[0]
+    if all(len(group) == 1 for group in groups):
+        return []
+    lines = ["", "## Over seeds", "",
+             "The mean over the seeds listed, then each one's value in that order. A seed that "
+             "diverged is named and left out; one not finished counts with its last epoch.",
+             "", f"| setting | seeds | final error % | mean of the last {last} epochs, % |",
+             "|---|---|---|---|"]  # fmt: skip
+
+    def cell(values: list[float]) -> str:
+        return f"{_percent(_mean(values))} ({' / '.join(_percent(v) for v in values)})"
+
+    for group in groups:
+        group = sorted(group, key=lambda rows: rows[0].get("seed", 0))
+        first = group[0][0]
+        setting = f"{first['model']}, {_curve_label(group[0], ('norm', 'batch', 'lr'))}"
+        curves = [rows for rows in group if rows[0]["status"] != "diverged" and _epochs(rows)]
+        seeds = ", ".join(f"{rows[0].get('seed', math.nan):g}" + _status_note([rows])
+                          for rows in curves) or "none"  # fmt: skip
+        diverged = [f"{rows[0].get('seed', math.nan):g}" for rows in group
+                    if rows[0]["status"] == "diverged"]  # fmt: skip
+        if diverged:
+            seeds += f"; {', '.join(diverged)} diverged"
+        if not curves:
+            lines.append(f"| {setting} | {seeds} | — | — |")
+            continue
+        finals = [_epochs(rows)[-1]["val_pixel_error"] for rows in curves]
+        tails = [_mean([r["val_pixel_error"] for r in _epochs(rows)[-last:]]) for rows in curves]
+        lines.append(f"| {setting} | {seeds} | {cell(finals)} | {cell(tails)} |")
+    return lines

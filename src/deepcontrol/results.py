@@ -76,6 +76,29 @@ def collect_runs(outputs: Path) -> list[dict]:
     return rows
 
 
+def gather_runs(sources: list[Path]) -> list[dict]:
+    """The rows of every run in ``sources``: outputs folders (:func:`collect_runs`) or runs.csv
+    tables written before, as they are; seeds trained in separate sweeps end in one table.
+
+    A run found in two sources is an error, naming both: one of them would be dropped."""
+    rows: list[dict] = []
+    found: dict[str, Path] = {}
+    for source in map(Path, sources):
+        if source.is_file():
+            with source.open() as f:
+                new = list(csv.DictReader(f))
+            if not new or "run_name" not in new[0]:
+                raise ValueError(f"{source}: expected a runs.csv with a run_name column")
+        else:
+            new = collect_runs(source)
+        for name in dict.fromkeys(str(row["run_name"]) for row in new):
+            if name in found:
+                raise ValueError(f"run {name} is in both {found[name]} and {source}")
+            found[name] = source
+        rows += new
+    return rows
+
+
 def write_runs_csv(rows: list[dict], path: Path) -> None:
     """``rows`` as CSV, columns in first-seen order, blanks where a run lacks a column."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
