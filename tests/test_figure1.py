@@ -294,3 +294,15 @@ def test_runs_of_several_sweeps_gather_into_one_table(tmp_path):
     (tmp_path / "bad.csv").write_text("epoch\n1\n")
     with pytest.raises(ValueError, match="bad.csv: expected a runs.csv with a run_name column"):
         gather_runs([tmp_path / "bad.csv"])
+
+
+def test_lambda_figure_draws_a_settings_seeds_as_their_mean():
+    def run(seed, lambdas, last_epoch=2):
+        base = dict(model="segnet", norm="agc", batch_size=4.0, lr=0.08, seed=seed)
+        return [{**base, "epoch": float(e), **{f"lambda_{i:02d}": v for i, v in
+                 enumerate(lambdas, 1)}} for e in range(1, last_epoch + 1)]  # fmt: skip
+
+    left = lambda_figure({"s0": run(0, [1.0, 0.8]), "s1": run(1, [0.9, 0.6], 3)}).axes[0]
+    [line, guide] = left.get_lines()
+    assert list(line.get_ydata()) == pytest.approx([0.95, 0.7])
+    assert line.get_label() == "segnet, batch 4, lr 0.08 (2 seeds, epoch 2 to 3)"

@@ -184,8 +184,9 @@ def draw_figure1(runs: dict, membership: dict[str, list[str]], out_dir: Path) ->
 
 
 def lambda_figure(runs: dict) -> Figure | None:
-    """λ of the AGC runs: mean λ per layer against depth at the end of training (left), and
-    λ of five layers against epoch for SegNet's batch-4 run when there is one (right).
+    """λ of the AGC runs: mean λ per layer against depth at the end of training (left; the
+    mean over seeds where a setting has several), and λ of five layers against epoch for
+    SegNet's batch-4 run when there is one (right).
 
     None when no run has λ columns."""
     agc = {n: [r for r in rows if not math.isnan(r.get("lambda_01", math.nan))]
@@ -193,28 +194,27 @@ def lambda_figure(runs: dict) -> Figure | None:
     agc = {n: rows for n, rows in agc.items() if rows}
     if not agc:
         return None
-    fig = Figure(figsize=(11, 4), layout="tight")
+    fig = Figure(figsize=(11, 5), layout="tight")
     left, right = fig.subplots(1, 2)
-
-    seeds = {rows[0].get("seed") for rows in agc.values()}
-
-    def label(rows: list[dict]) -> str:
-        seed = f", seed {rows[0]['seed']:g}" if len(seeds) > 1 else ""
-        return f"{rows[0]['model']}, {_curve_label(rows, ('batch', 'lr'))}{seed}"
 
     def layers(row: dict) -> list[int]:  # runs.csv has every network's λ columns
         return sorted(int(k.split("_")[1]) for k, v in row.items()
                       if k.startswith("lambda_") and not math.isnan(v))  # fmt: skip
 
-    for _, rows in sorted(agc.items()):
-        final = rows[-1]
-        depths = layers(final)
-        left.plot(depths, [final[f"lambda_{d:02d}"] for d in depths], marker=".",
-                  label=f"{label(rows)} (epoch {final['epoch']:g})")  # fmt: skip
+    for group in by_setting(sorted(agc), agc)[0]:  # seeds of a setting: their mean
+        finals = [rows[-1] for rows in group]
+        depths = layers(finals[0])
+        epochs = sorted({f"{final['epoch']:g}" for final in finals}, key=float)
+        seeds = f"{len(group)} seeds, " if len(group) > 1 else ""
+        left.plot(depths, [_mean([f[f"lambda_{d:02d}"] for f in finals]) for d in depths],
+                  marker=".", label=f"{group[0][0]['model']}, "
+                  f"{_curve_label(group[0], ('batch', 'lr'))} ({seeds}epoch "
+                  f"{' to '.join(epochs[:: max(1, len(epochs) - 1)])})")  # fmt: skip
     left.set(xlabel="AGC layer (forward order: input → classifier)",
              ylabel="mean λ over channels", title="λ per layer at the end of training")  # fmt: skip
     left.axhline(1.0, color="0.6", lw=0.8, ls="--")
-    left.legend(fontsize=7)
+    # below the axes: inside, one of the runs' drops near the classifier would be hidden
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     # the right panel follows panel (c)'s AGC run when there is one
     order = sorted(
         agc, key=lambda n: (agc[n][0]["model"] != "segnet", agc[n][0]["batch_size"] != 4, n)
