@@ -10,6 +10,7 @@ python scripts/collect_results.py outputs/seed1 results/seed0/runs.csv results/a
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from deepcontrol.results import gather_runs, write_runs_csv
@@ -21,7 +22,10 @@ def main() -> None:
                         help="folders holding run directories, or runs.csv files")  # fmt: skip
     parser.add_argument("results", type=Path, help="folder to write runs.csv into")
     args = parser.parse_args()
-    rows = gather_runs(args.sources)
+    try:
+        rows = gather_runs(args.sources)
+    except (FileNotFoundError, ValueError) as e:  # a bad source: say which, no traceback
+        sys.exit(f"collect_results: {e}")
     write_runs_csv(rows, args.results / "runs.csv")
     runs = {row["run_name"]: row["status"] for row in rows}
     print(f"{args.results / 'runs.csv'}: {len(runs)} runs, {len(rows)} rows")

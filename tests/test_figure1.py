@@ -294,6 +294,11 @@ def test_runs_of_several_sweeps_gather_into_one_table(tmp_path):
     (tmp_path / "bad.csv").write_text("epoch\n1\n")
     with pytest.raises(ValueError, match="bad.csv: expected a runs.csv with a run_name column"):
         gather_runs([tmp_path / "bad.csv"])
+    script = [sys.executable, str(REPO / "scripts" / "collect_results.py")]
+    done = subprocess.run([*script, str(earlier), str(tmp_path / "none"), str(tmp_path / "out")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 1 and not (tmp_path / "out").exists()
+    assert done.stderr.startswith("collect_results: ") and "none: no run directories" in done.stderr
 
 
 def test_lambda_figure_draws_a_settings_seeds_as_their_mean():
