@@ -25,16 +25,13 @@ def make_commands(target: str, *args: str) -> str:
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 @pytest.mark.parametrize("target", TARGETS)
 def test_py_runs_a_target_in_that_environment_without_making_a_venv(target):
-    def commands(*args: str) -> str:
-        return make_commands(target, *args)
-
-    own = commands("PY=/opt/env/bin/python3")
+    own = make_commands(target, "PY=/opt/env/bin/python3")
     assert "venv" not in own and "pip install" not in own
     for line in own.splitlines():
         if line.strip() and not line.startswith("\t"):  # a command, not a continuation
             command = re.sub(r"^(WANDB_\w+=\S+ )+", "", line)
             assert command.startswith("/opt/env/bin/python3 "), line
-    default = commands()
+    default = make_commands(target)
     assert "-m venv .venv" in default and ".venv/bin/python " in default
 
 

@@ -111,6 +111,21 @@ def _epochs(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not math.isnan(r.get("epoch", math.nan))]
 
 
+def _by_status(group: list[list[dict]]) -> tuple[list[list[dict]], list[list[dict]]]:
+    """A setting's runs that did not diverge, and those that did."""
+    diverged = [rows for rows in group if rows[0]["status"] == "diverged"]
+    return [rows for rows in group if rows[0]["status"] != "diverged"], diverged
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _span(values: list[str]) -> str:
+    """``a`` where every value is ``a``; ``a to b`` from the first to the last."""
+    return values[0] if values[0] == values[-1] else f"{values[0]} to {values[-1]}"
+
+
 def _status_note(group: list[list[dict]]) -> str:
     """What a curve's label says about its runs: how many seeds, and how many of them
     diverged (and in which epoch) or have not finished."""
@@ -142,18 +157,19 @@ def draw_panel(ax: Axes, panel: Panel, names: list[str], runs: dict) -> None:
     for group in groups:
         label = _curve_label(group[0], panel.vary) + _status_note(group)
         color = None
-        alive = [_epochs(rows) for rows in group if rows[0]["status"] != "diverged"]
+        alive, diverged = _by_status(group)
         if alive:
-            epochs = sorted(set.intersection(*({r["epoch"] for r in rows} for rows in alive)))
-            values = [[next(r[panel.metric] * scale for r in rows if r["epoch"] == e)
-                       for rows in alive] for e in epochs]  # fmt: skip
-            (line,) = ax.plot(epochs, [sum(v) / len(v) for v in values], "-o", label=label,
-                              lw=1.2, ms=2)  # fmt: skip
+            curves = [
+                {r["epoch"]: r[panel.metric] * scale for r in _epochs(rows)} for rows in alive
+            ]
+            epochs = sorted(set.intersection(*map(set, curves)))
+            values = [[curve[e] for curve in curves] for e in epochs]
+            (line,) = ax.plot(epochs, [_mean(v) for v in values], "-o", label=label, lw=1.2, ms=2)
             color, label = line.get_color(), None
             if len(alive) > 1:
                 ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values],
                                 color=color, alpha=0.2, lw=0)  # fmt: skip
-        for rows in (rows for rows in group if rows[0]["status"] == "diverged"):
+        for rows in diverged:
             done = _epochs(rows)
             (line,) = ax.plot([r["epoch"] for r in done], [r[panel.metric] * scale for r in done],
                               "-o", color=color, label=label, lw=1.2, ms=2)  # fmt: skip
@@ -204,12 +220,11 @@ def lambda_figure(runs: dict) -> Figure | None:
     for group in by_setting(sorted(agc), agc)[0]:  # seeds of a setting: their mean
         finals = [rows[-1] for rows in group]
         depths = layers(finals[0])
-        epochs = sorted({f"{final['epoch']:g}" for final in finals}, key=float)
+        epochs = _span([f"{e:g}" for e in sorted(final["epoch"] for final in finals)])
         seeds = f"{len(group)} seeds, " if len(group) > 1 else ""
+        label = f"{group[0][0]['model']}, {_curve_label(group[0], ('batch', 'lr'))}"
         left.plot(depths, [_mean([f[f"lambda_{d:02d}"] for f in finals]) for d in depths],
-                  marker=".", label=f"{group[0][0]['model']}, "
-                  f"{_curve_label(group[0], ('batch', 'lr'))} ({seeds}epoch "
-                  f"{' to '.join(epochs[:: max(1, len(epochs) - 1)])})")  # fmt: skip
+                  marker=".", label=f"{label} ({seeds}epoch {epochs})")  # fmt: skip
     left.set(xlabel="AGC layer (forward order: input → classifier)",
              ylabel="mean λ over channels", title="λ per layer at the end of training")  # fmt: skip
     left.axhline(1.0, color="0.6", lw=0.8, ls="--")
@@ -255,16 +270,10 @@ def _percent(value: float) -> str:
     return "—" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _seeds_note(*finals: list[float]) -> str:
     """How many seeds a claim's means are over, when more than one."""
     counts = sorted({len(f) for f in finals})
-    if counts == [1]:
-        return ""
-    return f" Means over {counts[0]}{f' to {counts[-1]}' if len(counts) > 1 else ''} seeds."
+    return "" if counts == [1] else f" Means over {_span([str(n) for n in counts])} seeds."
 
 
 def claims_measured(runs: dict) -> list[str]:
@@ -355,6 +364,9 @@ def _seeds_table(names: list[str], runs: dict, last: int = 5) -> list[str]:
              "", f"| setting | seeds | final error % | mean of the last {last} epochs, % |",
              "|---|---|---|---|"]  # fmt: skip
 
+    def seed(rows: list[dict]) -> str:
+        return f"{rows[0].get('seed', math.nan):g}"
+
     def cell(values: list[float]) -> str:
         return f"{_percent(_mean(values))} ({' / '.join(_percent(v) for v in values)})"
 
@@ -362,17 +374,15 @@ def _seeds_table(names: list[str], runs: dict, last: int = 5) -> list[str]:
         group = sorted(group, key=lambda rows: rows[0].get("seed", 0))
         first = group[0][0]
         setting = f"{first['model']}, {_curve_label(group[0], ('norm', 'batch', 'lr'))}"
-        curves = [rows for rows in group if rows[0]["status"] != "diverged" and _epochs(rows)]
-        seeds = ", ".join(f"{rows[0].get('seed', math.nan):g}" + _status_note([rows])
-                          for rows in curves) or "none"  # fmt: skip
-        diverged = [f"{rows[0].get('seed', math.nan):g}" for rows in group
-                    if rows[0]["status"] == "diverged"]  # fmt: skip
+        alive, diverged = _by_status(group)
+        curves = [done for rows in alive if (done := _epochs(rows))]
+        seeds = ", ".join(seed(rows) + _status_note([rows]) for rows in curves) or "none"
         if diverged:
-            seeds += f"; {', '.join(diverged)} diverged"
+            seeds += f"; {', '.join(seed(rows) for rows in diverged)} diverged"
         if not curves:
             lines.append(f"| {setting} | {seeds} | — | — |")
             continue
-        finals = [_epochs(rows)[-1]["val_pixel_error"] for rows in curves]
-        tails = [_mean([r["val_pixel_error"] for r in _epochs(rows)[-last:]]) for rows in curves]
+        finals = [rows[-1]["val_pixel_error"] for rows in curves]
+        tails = [_mean([r["val_pixel_error"] for r in rows[-last:]]) for rows in curves]
         lines.append(f"| {setting} | {seeds} | {cell(finals)} | {cell(tails)} |")
     return lines
