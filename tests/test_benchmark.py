@@ -4,6 +4,7 @@ import json
 import math
 import re
 import subprocess
+import time
 from dataclasses import replace
 
 import pytest
@@ -99,6 +100,43 @@ def fake_report(ms: dict, peak: dict, loop_ratio: float = 0.95, val_ms: dict | N
             "max_batch_under_cap": {"bn": 10, "agc": 14},
             "loop": [{"norm": "agc", "batch": 8, "mode": "eager",
                       "ratio": loop_ratio}]}  # fmt: skip
+
+
+def test_steps_are_timed_back_to_back_on_the_host_clock_off_a_gpu():
+    calls = []
+
+    def work():
+        calls.append(None)
+        time.sleep(0.002)
+
+    times = benchmark.step_times(work, 5, torch.device("cpu"))
+    assert len(calls) == len(times) == 5
+    assert all(2.0 <= t < 1000 for t in times)
+
+
+def test_steps_are_timed_back_to_back_on_a_gpu_waiting_only_after_the_last(monkeypatch):
+    """Training never waits for the device between steps, so neither does the timing: one
+    event between consecutive steps, and one wait, for the last."""
+    log = []
+
+    class Event:  # a CUDA event whose clock is the order of the calls
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = len(log)
+            log.append("record")
+
+        def synchronize(self):
+            log.append("wait")
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    times = benchmark.step_times(lambda: log.append("step"), 3, torch.device("cuda"))
+    assert log == ["record", "step", "record", "step", "record", "step", "record", "wait"]
+    assert times == [2.0, 2.0, 2.0]  # each step's time runs from one event to the next
 
 
 def test_targets_are_judged_from_the_measured_ratios():

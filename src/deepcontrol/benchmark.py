@@ -2,7 +2,8 @@
 
 ``make bench`` (``scripts/benchmark.py``) runs ``run_benchmark`` and writes
 ``results/benchmark.md`` and ``.json``. Times are medians of full SGD steps (forward, loss,
-backward, optimiser) after warm-up, taken with CUDA events on a GPU. On a CPU a reduced
+backward, optimiser) run back to back after warm-up, as training runs them, taken with CUDA
+events on a GPU. On a CPU a reduced
 grid runs, so that the code stays tested. Each measurement is saved as it is taken, and a
 run cut short (a job's time limit) goes on from what it saved on the same GPU and software.
 """
@@ -10,6 +11,7 @@ run cut short (a job's time limit) goes on from what it saved on the same GPU an
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -167,19 +169,24 @@ def failure(error: Exception) -> str:
     return f"failed: {type(error).__name__}: {first_line}"
 
 
-def milliseconds(work: Callable[[], None], device: torch.device) -> float:
-    """Wall time of ``work()``: CUDA events on a GPU (which time the queued kernels, not
-    their launch), the host clock elsewhere."""
+def step_times(work: Callable[[], None], steps: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``steps`` back-to-back calls of ``work``, as training makes
+    them: nothing waits for the device between calls, so the host queues the next step
+    while the device runs the last, and a step costs the longer of the two, not their sum.
+    On a GPU, CUDA events between the calls, read after the last; elsewhere the host clock."""
     if device.type != "cuda":
-        started = time.perf_counter()
+        marks = [time.perf_counter()]
+        for _ in range(steps):
+            work()
+            marks.append(time.perf_counter())
+        return [1000 * (end - start) for start, end in itertools.pairwise(marks)]
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for event in events[1:]:
         work()
-        return 1000 * (time.perf_counter() - started)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    work()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+        event.record()
+    events[-1].synchronize()
+    return [start.elapsed_time(end) for start, end in itertools.pairwise(events)]
 
 
 def run_as(model: nn.Module, mode: str) -> nn.Module:
@@ -325,7 +332,7 @@ def measure_step(
         if device.type == "cuda" and not graphs:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        result.ms_per_step = statistics.median(milliseconds(step, device) for _ in range(cfg.steps))
+        result.ms_per_step = statistics.median(step_times(step, cfg.steps, device))
         if device.type == "cuda":
             result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
     except torch.OutOfMemoryError:
@@ -759,10 +766,11 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
              f"Command: `{command}`", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              f"Input {report['config']['height']}×{report['config']['width']}, full SGD step, "
-             f"median of {report['config']['steps']} steps after {report['config']['warmup']} "
-             "warm-up steps. Peak memory is torch.cuda.max_memory_allocated: over the timed "
-             "steps (not cuDNN's one-off algorithm search in the warm-up), or with CUDA graphs "
-             "from the start (their memory is taken when they are recorded).", "",
+             f"median of {report['config']['steps']} steps run back to back (as training runs "
+             f"them) after {report['config']['warmup']} warm-up steps. Peak memory is "
+             "torch.cuda.max_memory_allocated: over the timed steps (not cuDNN's one-off "
+             "algorithm search in the warm-up), or with CUDA graphs from the start (their "
+             "memory is taken when they are recorded).", "",
              *([f"{report['reused_steps']} of {len(report['steps'])} step timings were taken by "
                 "an earlier, interrupted invocation on the same device and software.", ""]
                if report["reused_steps"] else []),
@@ -777,7 +785,7 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
         lines += [
             "",
             "Validation, as training evaluates (the uncompiled network in eval mode, no "
-            f"gradients), median of {report['config']['steps']} forwards after "
+            f"gradients), median of {report['config']['steps']} forwards back to back after "
             f"{report['config']['warmup']}:",
             "",
             "| network | precision | batch | norm | ms/forward | images/s |",
