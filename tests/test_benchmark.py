@@ -281,7 +281,7 @@ class Cut(Exception):
     """A job's time limit, arriving after some measurements were saved."""
 
 
-def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path):
+def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path, capsys):
     cfg = cpu_config(batches=(1, 2), val_batch=3)
     measured = []
     real_measure = benchmark.measure_step
@@ -314,8 +314,13 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path):
     assert "| segnet | fp32 | eager | 2 | agc |" in text and "| agc | eager | 2 |" in text
     assert "| segnet | fp32 | eager | 2 | none |" not in text
     assert "was still going or was stopped there. Still to measure: none 2 fp32 eager." in text
+    capsys.readouterr()
     report = run_benchmark(cfg, torch.device("cpu"), previous=partial)
     assert measured[7:] == [("none", 2)]  # the one step timing the cut run did not take
+    # the log says which rows were taken over, and what each new one cost
+    log = capsys.readouterr().out.splitlines()
+    assert len(log) == 8 and sum(line.endswith("(saved earlier)") for line in log) == 7
+    assert re.search(r"^steps .* none 2 fp32 eager .*\(\d+ s\)$", log[-1])
     assert report["complete"] and report["reused_steps"] == 3 and report["loop"] == partial["loop"]
     assert report["pending"] == []
     assert report["validation"] == partial["validation"]

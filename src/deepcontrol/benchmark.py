@@ -540,15 +540,18 @@ def run_benchmark(
         the time limit has not passed; False if neither."""
         row = saved[kind].get(_key(asdict(setting)))
         reused = row is not None
+        note = "  (saved earlier)"
         if reused and kind == "steps":
             report["reused_steps"] += 1
         if not reused:
             if late():
                 return False
+            started = time.monotonic()
             row = measure(setting)
+            # what each measurement costs, compiling included: what plans a GPU lease
+            note = f"  ({time.monotonic() - started:.0f} s)"
         found = (f"loop / bare step {row['ratio']:.2f}" if kind == "loop" else
                  f"{row['ms_per_step']:8.2f} ms {row['peak_gib']:6.2f} GiB peak")  # fmt: skip
-        note = "  (saved earlier)" if reused else ""
         print(f"{kind:10s} {_label(setting):28s} {found} {row['error']}{note}", flush=True)
         report[kind].append(row)
         progress()
@@ -568,9 +571,12 @@ def run_benchmark(
         cap = old.get("max_batch_under_cap")
         if not cap and late():
             return False
+        started = time.monotonic()
         report["max_batch_under_cap"] = cap or {
             norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device) for norm in PAPER_NORMS
         }
+        took = "saved earlier" if cap else f"{time.monotonic() - started:.0f} s"
+        print(f"{'cap':10s} {report['max_batch_under_cap']}  ({took})")
         progress()
         return True
 
