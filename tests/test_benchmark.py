@@ -314,6 +314,10 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path, capsy
     assert "| segnet | fp32 | eager | 2 | agc |" in text and "| agc | eager | 2 |" in text
     assert "| segnet | fp32 | eager | 2 | none |" not in text
     assert "was still going or was stopped there. Still to measure: none 2 fp32 eager." in text
+    assert "median of 1 steps run back to back (as training runs them) after 0 warm-up" in text
+    # a report from before the timing was recorded timed each step alone, and says no more
+    write_report({k: v for k, v in partial.items() if k != "step_timing"}, tmp_path, "pytest")
+    assert "median of 1 steps after 0 warm-up" in (tmp_path / "benchmark.md").read_text()
     capsys.readouterr()
     report = run_benchmark(cfg, torch.device("cpu"), previous=partial)
     assert measured[7:] == [("none", 2)]  # the one step timing the cut run did not take
@@ -328,8 +332,9 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path, capsy
         ("agc", 1), ("none", 1), ("agc", 2), ("none", 2)]  # fmt: skip
     # a finished report, or one measured another way or on other code, is measured again
     other_code = {**partial, "environment": {**partial["environment"], "code": "0123abcd"}}
+    timed_alone = {k: v for k, v in partial.items() if k != "step_timing"}  # an older report
     for previous in (report, {**partial, "config": {**partial["config"], "height": 64}},
-                     other_code):  # fmt: skip
+                     other_code, timed_alone):  # fmt: skip
         del measured[:]
         run_benchmark(cfg, torch.device("cpu"), previous=previous)
         assert len(measured) == 8  # 4 step timings, 2 validations and the loop's 2 bare steps

@@ -3,9 +3,9 @@
 ``make bench`` (``scripts/benchmark.py``) runs ``run_benchmark`` and writes
 ``results/benchmark.md`` and ``.json``. Times are medians of full SGD steps (forward, loss,
 backward, optimiser) run back to back after warm-up, as training runs them, taken with CUDA
-events on a GPU. On a CPU a reduced
-grid runs, so that the code stays tested. Each measurement is saved as it is taken, and a
-run cut short (a job's time limit) goes on from what it saved on the same GPU and software.
+events on a GPU. On a CPU a reduced grid runs, so that the code stays tested. Each
+measurement is saved as it is taken, and a run cut short (a job's time limit) goes on from
+what it saved on the same GPU and software.
 """
 
 from __future__ import annotations
@@ -481,6 +481,9 @@ def environment(device: torch.device) -> dict:
 
 # The report's sections of per-setting rows, each with how the log names one left unmeasured.
 SECTIONS = {"steps": "", "validation": "validation ", "loop": "the training-loop check, "}
+# How steps are timed, as reports record it (step_times). Reports written before it was
+# recorded timed each step alone, waiting for the device after it, and say nothing.
+STEP_TIMING = "run back to back (as training runs them)"
 # What a saved measurement must share with a new one to be reused.
 SAME_MEASUREMENT = ("height", "width", "warmup", "steps", "loop_steps", "memory_cap_gib",
                     "val_batch")  # fmt: skip
@@ -492,8 +495,9 @@ def reusable(previous: dict | None, cfg: Config, device: torch.device) -> dict |
     report is never reused: running the benchmark again measures again."""
     if not previous or previous.get("complete", True):
         return None
-    now = {"environment": environment(device), **{k: getattr(cfg, k) for k in SAME_MEASUREMENT}}
-    then = {"environment": previous.get("environment"),
+    now = {"environment": environment(device), "step_timing": STEP_TIMING,
+           **{k: getattr(cfg, k) for k in SAME_MEASUREMENT}}  # fmt: skip
+    then = {"environment": previous.get("environment"), "step_timing": previous.get("step_timing"),
             **{k: previous.get("config", {}).get(k) for k in SAME_MEASUREMENT}}  # fmt: skip
     differ = sorted(k for k in now if now[k] != then[k])
     if differ:
@@ -523,7 +527,7 @@ def run_benchmark(
     old = reusable(previous, cfg, device) or {}
     report = {"environment": environment(device), "config": asdict(cfg), "steps": [],
               "validation": [], "loop": [], "reused_steps": 0, "unmeasured": [],
-              "pending": [], "complete": False}  # fmt: skip
+              "pending": [], "complete": False, "step_timing": STEP_TIMING}  # fmt: skip
     saved = {kind: {_key(row): row for row in old.get(kind, [])} for kind in SECTIONS}
     grid = cfg.settings()
     order = {_key(asdict(s)): i for i, s in enumerate(grid)}
@@ -535,24 +539,26 @@ def run_benchmark(
     def late() -> bool:
         return time.monotonic() >= deadline
 
+    def timed(work: Callable[[], object]) -> tuple:
+        """``work()``'s result, and the seconds it took as the log gives them: compiling
+        included, what plans a GPU lease."""
+        started = time.monotonic()
+        result = work()
+        return result, f"{time.monotonic() - started:.0f} s"
+
     def take(kind: str, setting: Setting, measure: Callable[[Setting], dict]) -> bool:
         """``setting``'s row in ``report[kind]``: the saved one, or ``measure(setting)``'s if
         the time limit has not passed; False if neither."""
-        row = saved[kind].get(_key(asdict(setting)))
-        reused = row is not None
-        note = "  (saved earlier)"
-        if reused and kind == "steps":
-            report["reused_steps"] += 1
-        if not reused:
+        row, took = saved[kind].get(_key(asdict(setting))), "saved earlier"
+        if row is None:
             if late():
                 return False
-            started = time.monotonic()
-            row = measure(setting)
-            # what each measurement costs, compiling included: what plans a GPU lease
-            note = f"  ({time.monotonic() - started:.0f} s)"
+            row, took = timed(lambda: measure(setting))
+        elif kind == "steps":
+            report["reused_steps"] += 1
         found = (f"loop / bare step {row['ratio']:.2f}" if kind == "loop" else
                  f"{row['ms_per_step']:8.2f} ms {row['peak_gib']:6.2f} GiB peak")  # fmt: skip
-        print(f"{kind:10s} {_label(setting):28s} {found} {row['error']}{note}", flush=True)
+        print(f"{kind:10s} {_label(setting):28s} {found} {row['error']}  ({took})", flush=True)
         report[kind].append(row)
         progress()
         return True
@@ -568,15 +574,18 @@ def run_benchmark(
         return loop_efficiency(setting, cfg, device, bare)
 
     def cap_search() -> bool:
-        cap = old.get("max_batch_under_cap")
-        if not cap and late():
-            return False
-        started = time.monotonic()
-        report["max_batch_under_cap"] = cap or {
-            norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device) for norm in PAPER_NORMS
-        }
-        took = "saved earlier" if cap else f"{time.monotonic() - started:.0f} s"
-        print(f"{'cap':10s} {report['max_batch_under_cap']}  ({took})")
+        cap, took = old.get("max_batch_under_cap"), "saved earlier"
+        if not cap:
+            if late():
+                return False
+            cap, took = timed(
+                lambda: {
+                    norm: max_batch_under_cap(norm, cfg.precisions[0], cfg, device)
+                    for norm in PAPER_NORMS
+                }
+            )
+        report["max_batch_under_cap"] = cap
+        print(f"{'cap':10s} {cap}  ({took})", flush=True)
         progress()
         return True
 
@@ -768,12 +777,13 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "benchmark.json", json.dumps(report, indent=1) + "\n")
     env = report["environment"]
+    timing = f" {report['step_timing']}" if report.get("step_timing") else ""
     lines = ["# Training-step benchmark: SegNet (and ClassNet where Figure 1 trains it)", "",
              f"Command: `{command}`", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              f"Input {report['config']['height']}×{report['config']['width']}, full SGD step, "
-             f"median of {report['config']['steps']} steps run back to back (as training runs "
-             f"them) after {report['config']['warmup']} warm-up steps. Peak memory is "
+             f"median of {report['config']['steps']} steps{timing} after "
+             f"{report['config']['warmup']} warm-up steps. Peak memory is "
              "torch.cuda.max_memory_allocated: over the timed steps (not cuDNN's one-off "
              "algorithm search in the warm-up), or with CUDA graphs from the start (their "
              "memory is taken when they are recorded).", "",
@@ -791,7 +801,7 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
         lines += [
             "",
             "Validation, as training evaluates (the uncompiled network in eval mode, no "
-            f"gradients), median of {report['config']['steps']} forwards back to back after "
+            f"gradients), median of {report['config']['steps']} forwards{timing} after "
             f"{report['config']['warmup']}:",
             "",
             "| network | precision | batch | norm | ms/forward | images/s |",
