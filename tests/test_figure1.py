@@ -183,6 +183,37 @@ def test_claims_are_measured_from_the_runs():
     assert "spread 1.00 points" in lines[2]
 
 
+def test_claims_leave_diverged_runs_out_and_name_them():
+    def runs_of(norm, batch, errors, statuses):  # a diverged run keeps its epochs before
+        pairs = enumerate(zip(errors, statuses, strict=True))
+        return {f"{norm}{batch}s{seed}": seed_run(norm, seed, [0.5, e], s, batch)
+                for seed, (e, s) in pairs}  # fmt: skip
+
+    done = ("finished",) * 2
+    runs = {**runs_of("bn", 1, (0.2, 0.9), ("finished", "diverged")),
+            **runs_of("bn", 4, (0.1, 0.1), done), **runs_of("bn", 8, (0.1, 0.1), done),
+            **runs_of("agc", 4, (0.1, 0.1), ("diverged", "diverged"))}  # fmt: skip
+    lines = claims_measured(runs)
+    # a diverged run's last finite error would have pulled BN's batch-1 mean to 55%
+    assert lines == [
+        "segnet, batch 4, lr 0.08: not measured, every run diverged: "
+        "segnet, AGC, batch 4, lr 0.08 (2 runs).",
+        "BN final error at batch 1 / 4 / 8: 20.00 / 10.00 / 10.00% (batch 1 − mean of 4 and 8 "
+        "= +10.00 points). Means over 1 to 2 seeds. Diverged and left out: "
+        "segnet, BN, batch 1, lr 0.02 (1 run).",
+    ]
+
+
+def test_claims_never_compare_runs_of_different_data_or_length():
+    bn = seed_run("bn", 0, [0.10])
+    agc = seed_run("agc", 0, [0.30])
+    longer = [{**row, "epochs": 60} for row in seed_run("agc", 0, [0.12])]
+    assert claims_measured({"bn": bn, "agc": agc, "agc60": longer}) == [
+        "synthetic, 150 epochs: segnet, batch 4, lr 0.08: final error AGC 30.00% vs BN 10.00% "
+        "(AGC − BN = +20.00 points)."
+    ]
+
+
 def test_lambda_figure_follows_segnet_and_skips_other_networks_layers():
     def run(model, lambdas):
         base = dict(model=model, norm="agc", batch_size=4.0, lr=0.08)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +114,8 @@ def _epochs(rows: list[dict]) -> list[dict]:
 
 def _by_status(group: list[list[dict]]) -> tuple[list[list[dict]], list[list[dict]]]:
     """A setting's runs that did not diverge, and those that did."""
-    diverged = [rows for rows in group if rows[0]["status"] == "diverged"]
-    return [rows for rows in group if rows[0]["status"] != "diverged"], diverged
+    diverged = [rows for rows in group if rows[0].get("status") == "diverged"]
+    return [rows for rows in group if rows[0].get("status") != "diverged"], diverged
 
 
 def _mean(values: list[float]) -> float:
@@ -278,37 +279,64 @@ def _seeds_note(*finals: list[float]) -> str:
 
 def claims_measured(runs: dict) -> list[str]:
     """What the runs at hand say about each of the paper's claims, as measured numbers; a
-    setting run with several seeds counts with the mean of their final errors."""
+    setting run with several seeds counts with the mean of their final errors. A run that
+    diverged is left out of the means and named. Runs of different datasets or lengths are
+    not compared: each (data, epochs) gets its own claims, prefixed with it when there are
+    several."""
+    contexts: dict[tuple, dict] = {}
+    for name, rows in runs.items():
+        contexts.setdefault((rows[0].get("data"), rows[0].get("epochs")), {})[name] = rows
+    if len(contexts) == 1:
+        return _claims(next(iter(contexts.values())))
+    return [f"{data}, {epochs:g} epochs: {line}" for (data, epochs), subset in contexts.items()
+            for line in _claims(subset)]  # fmt: skip
 
-    def finals(norm: str, batch: int, lr: float, model: str = "segnet") -> list[float]:
-        return [done[-1]["val_pixel_error"] for rows in runs.values()
-                if (rows[0]["model"], rows[0]["norm"], rows[0]["batch_size"], rows[0]["lr"])
-                == (model, norm, batch, lr) and (done := _epochs(rows))]  # fmt: skip
+
+def _claims(runs: dict) -> list[str]:
+    """:func:`claims_measured` over runs of one dataset and length."""
+    finals: dict[tuple, list[float]] = {}  # (model, norm, batch, lr) -> each run's final error
+    diverged: dict[tuple, int] = {}
+    for rows in runs.values():
+        first = rows[0]
+        key = (first["model"], first["norm"], first["batch_size"], first["lr"])
+        if first.get("status") == "diverged":
+            diverged[key] = diverged.get(key, 0) + 1
+        elif done := _epochs(rows):
+            finals.setdefault(key, []).append(done[-1]["val_pixel_error"])
+
+    def named(keys: list[tuple]) -> str:
+        return "; ".join(f"{m}, {n.upper()}, batch {b:g}, lr {lr:g} ({diverged[k]} "
+                         f"{'run' if diverged[k] == 1 else 'runs'})"
+                         for k in keys for m, n, b, lr in [k])  # fmt: skip
 
     lines = []
+
+    def claim(subject: str, keys: list[tuple], text: Callable[..., str]) -> None:
+        """``text`` of the keys' mean final errors, if each has a run that did not diverge."""
+        errors = [finals.get(k, []) for k in keys]
+        gone = [k for k in keys if k in diverged]
+        if all(errors):
+            left_out = f" Diverged and left out: {named(gone)}." if gone else ""
+            lines.append(text(*map(_mean, errors)) + _seeds_note(*errors) + left_out)
+        elif all(e or k in diverged for k, e in zip(keys, errors, strict=True)):
+            lost = [k for k, e in zip(keys, errors, strict=True) if not e]
+            lines.append(f"{subject}: not measured, every run diverged: {named(lost)}.")
+
     for model in ("segnet", "classnet"):
-        agc, bn = finals("agc", 4, 0.08, model), finals("bn", 4, 0.08, model)
-        if agc and bn:
-            lines.append(
-                f"{model}, batch 4, lr 0.08: final error AGC {_percent(_mean(agc))}% vs BN "
-                f"{_percent(_mean(bn))}% (AGC − BN = {100 * (_mean(agc) - _mean(bn)):+.2f} "
-                f"points).{_seeds_note(agc, bn)}"
-            )
-    bns = [finals("bn", b, round(0.02 * b, 10)) for b in (1, 4, 8)]
-    if all(bns):
-        bn1, bn4, bn8 = map(_mean, bns)
-        gap = 100 * (bn1 - (bn4 + bn8) / 2)
-        lines.append(
-            f"BN final error at batch 1 / 4 / 8: {_percent(bn1)} / {_percent(bn4)} / "
-            f"{_percent(bn8)}% (batch 1 − mean of 4 and 8 = {gap:+.2f} points)." + _seeds_note(*bns)
-        )
-    agcs = [finals("agc", b, round(0.02 * b, 10)) for b in (1, 4, 8)]
-    if all(agcs):
-        means = [_mean(a) for a in agcs]
-        lines.append(
-            f"AGC final error at batch 1 / 4 / 8: {' / '.join(_percent(a) for a in means)}% "
-            f"(spread {100 * (max(means) - min(means)):.2f} points)." + _seeds_note(*agcs)
-        )
+        claim(f"{model}, batch 4, lr 0.08", [(model, norm, 4, 0.08) for norm in ("agc", "bn")],
+              lambda agc, bn, model=model: (
+                  f"{model}, batch 4, lr 0.08: final error AGC {_percent(agc)}% vs BN "
+                  f"{_percent(bn)}% (AGC − BN = {100 * (agc - bn):+.2f} points)."))  # fmt: skip
+    batches = [("segnet", b, round(0.02 * b, 10)) for b in (1, 4, 8)]
+    claim("BN at batch 1 / 4 / 8", [(m, "bn", b, lr) for m, b, lr in batches],
+          lambda bn1, bn4, bn8: (
+              f"BN final error at batch 1 / 4 / 8: {_percent(bn1)} / {_percent(bn4)} / "
+              f"{_percent(bn8)}% (batch 1 − mean of 4 and 8 = "
+              f"{100 * (bn1 - (bn4 + bn8) / 2):+.2f} points)."))  # fmt: skip
+    claim("AGC at batch 1 / 4 / 8", [(m, "agc", b, lr) for m, b, lr in batches],
+          lambda *agc: (
+              f"AGC final error at batch 1 / 4 / 8: {' / '.join(map(_percent, agc))}% "
+              f"(spread {100 * (max(agc) - min(agc)):.2f} points)."))  # fmt: skip
     return lines
 
 
