@@ -16,7 +16,7 @@ from deepcontrol.logging import RunLogger
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import build_model
 from deepcontrol.results import read_metrics
-from deepcontrol.train import train, use_channels_last
+from deepcontrol.train import resolve_device, train, use_channels_last
 
 pytestmark = pytest.mark.slow
 
@@ -276,6 +276,43 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
     assert train(same, tmp_path)["status"] == "finished"
     best = torch.load(tmp_path / "best.pt", weights_only=False)  # weights, no optimiser
     assert best["epoch"] == 1 and "model" in best and "optimizer" not in best
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.precision=fp16", "train.precision must be 'fp32' or 'bf16', got 'fp16'"),
+     ("epochs=0", "epochs must be a positive integer, got 0")],
+)  # fmt: skip
+def test_a_bad_setting_read_late_is_refused_before_the_run_directory(
+    synthetic_root, cache, tmp_path, override, message
+):
+    # fp16 used to fail at the first step, after config.yaml was written, and then the
+    # corrected command was refused as "a run with other settings"; epochs=0 "finished"
+    cfg = tiny_config(synthetic_root, cache, *SIZE, override)
+    with pytest.raises(ValueError, match=message):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_failed_as_it_started_does_not_block_other_settings(
+    synthetic_root, cache, tmp_path, monkeypatch
+):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("deepcontrol.train.train_one_epoch", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            train(tiny_config(synthetic_root, cache, *SIZE, "epochs=1"), tmp_path)
+    assert (tmp_path / "config.yaml").is_file() and not (tmp_path / "last.pt").exists()
+    smaller = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", "model.init=identity")
+    assert train(smaller, tmp_path)["status"] == "finished"
+    assert "init: identity" in (tmp_path / "config.yaml").read_text()
+
+
+def test_an_unknown_device_is_named():
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        resolve_device("tpu")
 
 
 def test_channels_last_is_auto_on_cuda_only_and_a_bad_value_is_named():

@@ -33,7 +33,13 @@ from deepcontrol.distributed import (
     unwrap,
     wrap_model,
 )
-from deepcontrol.engine import evaluate, load_checkpoint, save_checkpoint, train_one_epoch
+from deepcontrol.engine import (
+    check_precision,
+    evaluate,
+    load_checkpoint,
+    save_checkpoint,
+    train_one_epoch,
+)
 from deepcontrol.locks import exclusive_lock
 from deepcontrol.logging import RunLogger, read_json
 from deepcontrol.losses import build_loss
@@ -46,7 +52,10 @@ log = logging.getLogger("deepcontrol")
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name} but CUDA is not available; use device=cpu or auto")
     return device
@@ -162,10 +171,22 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """The settings that training reads only once it has started, checked before the run's
+    directory is touched, so that a run refused for them leaves no config.yaml there."""
+    if not isinstance(cfg.epochs, int) or isinstance(cfg.epochs, bool) or cfg.epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {cfg.epochs!r}")
+    check_precision(cfg.train.precision)
+
+
 def check_same_run(run_dir: Path, resolved: dict) -> None:
-    """Refuse to resume or skip a run whose directory holds a run of other settings."""
+    """Refuse to resume or skip a run whose directory holds a run of other settings. One
+    that never finished an epoch or saved a checkpoint (it failed as it started) holds
+    nothing to keep, and is trained afresh."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
+        return
+    if not (run_dir / "last.pt").is_file() and not (run_dir / "summary.json").is_file():
         return
     saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))
     wanted = _flatten(resolved)
@@ -194,6 +215,7 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
     """
     if not logging.getLogger().handlers:  # called outside Hydra, which sets logging up
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_settings(cfg)
     run_dir = Path(output_dir)
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 holds the lock for all processes
         return _train(cfg, run_dir)
