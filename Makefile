@@ -64,9 +64,10 @@ fig1-smoke: $(SETUP)
 # Training-step speed and memory per norm, batch, precision and mode: results/benchmark.md
 # (the full grid needs a CUDA GPU; on a CPU a reduced grid checks the code).
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS="--time-limit 420" within a job's limit.
-BENCH_OUT ?= results
+# BENCH_OUT=DIR writes the report there; by default results/ on a GPU and, for the reduced
+# CPU grid, outputs/benchmark-reduced/ (its numbers are no result).
 bench: $(SETUP)
-	$(PY) scripts/benchmark.py --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(PY) scripts/benchmark.py $(if $(BENCH_OUT),--out $(BENCH_OUT)) $(BENCH_ARGS)
 
 test: $(SETUP)
 	WANDB_MODE=disabled $(PY) -m pytest -q

@@ -1,6 +1,6 @@
 """Benchmark SegNet's training step per norm, batch, precision and mode (``make bench``).
 
-python scripts/benchmark.py [--out results] [--reduced] [--precisions ...] [--modes ...]
+python scripts/benchmark.py [--out DIR] [--reduced] [--precisions ...] [--modes ...]
     On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-naive/none, bf16 and fp32
     in eager mode; compiled and CUDA-graphed (bn/agc/none) at batches 1, 4 and 8 (20 s
     to a minute of compiling each); ClassNet (bn/agc) at batch 4, where Figure 1 trains it;
@@ -8,7 +8,8 @@ python scripts/benchmark.py [--out results] [--reduced] [--precisions ...] [--mo
     under 12 GiB; the training loop, validation included, against the bare step (eager at
     batch 8, CUDA-graphed at batch 1); the issue's targets and Figure 1's GPU-hours.
     Without a GPU (or with --reduced) a small grid on the CPU. Writes OUT/benchmark.md and
-    OUT/benchmark.json, after each measurement, so a run killed part way leaves its report.
+    OUT/benchmark.json (OUT: results, or outputs/benchmark-reduced for the small grid) after
+    each measurement, so a run killed part way leaves its report.
     With --time-limit, nothing new starts after that many seconds; the report says what is
     left, and the same command goes on from it.
 
@@ -33,10 +34,19 @@ from deepcontrol.benchmark import (
     write_report,
 )
 
+GPU_OUT = Path("results")
+# The reduced grid checks that the code runs; its numbers are no result, and written to
+# results/ they would replace the GPU report committed there.
+REDUCED_OUT = Path("outputs/benchmark-reduced")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"where the report goes: {GPU_OUT} for the full grid, {REDUCED_OUT} for the reduced",
+    )
     parser.add_argument("--reduced", action="store_true", help="the small CPU grid")
     parser.add_argument("--precisions", nargs="+", help="a subset, e.g. bf16 (to split a run)")
     parser.add_argument("--modes", nargs="+", help="a subset of eager compile cudagraphs")
@@ -56,7 +66,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = Config.reduced() if args.reduced or device.type == "cpu" else Config()
+    reduced = args.reduced or device.type == "cpu"
+    cfg = Config.reduced() if reduced else Config()
     if args.precisions:
         cfg.precisions = tuple(args.precisions)
     if args.modes:
@@ -68,17 +79,18 @@ def main() -> None:
         norm, batch, precision, mode = args.profile
         print(profile_step(Setting(norm, int(batch), precision, mode), cfg, device))
         return
+    out = args.out or (REDUCED_OUT if reduced else GPU_OUT)
     if device.type == "cpu":
-        print("no CUDA GPU: running the reduced grid on the CPU (code paths, not the targets)")
-    saved = args.out / "benchmark.json"
+        print(f"no CUDA GPU: the reduced grid on the CPU (code paths, not the targets) into {out}")
+    saved = out / "benchmark.json"
     previous = None if args.fresh or not saved.is_file() else json.loads(saved.read_text())
     command = "python " + " ".join(sys.argv)
     # the whole report after each measurement, so that a run killed by a time limit leaves it
     report = run_benchmark(
-        cfg, device, previous, save=lambda partial: write_report(partial, args.out, command)
+        cfg, device, previous, save=lambda partial: write_report(partial, out, command)
     )
-    write_report(report, args.out, command)
-    print((args.out / "benchmark.md").read_text())
+    write_report(report, out, command)
+    print((out / "benchmark.md").read_text())
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 import json
 import math
+import os
 import re
 import subprocess
+import sys
 import time
 from dataclasses import replace
 
 import pytest
 import torch
+from conftest import REPO
 
 from deepcontrol import benchmark
 from deepcontrol.benchmark import Config, figure1_cost, run_benchmark, targets, write_report
@@ -48,6 +51,20 @@ def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
     assert environment["device"] == "cpu"
     # the commit measured (this checkout's, or $DEEPCONTROL_COMMIT's where there is no git)
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown \(.*\)", environment["code"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's reduced grid")
+def test_the_reduced_grid_never_writes_into_results(tmp_path):
+    # make bench on a laptop used to replace the GPU report committed in results/
+    script = REPO / "scripts" / "benchmark.py"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, str(script), "--time-limit", "0"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "into outputs/benchmark-reduced" in done.stdout
+    report = json.loads((tmp_path / "outputs/benchmark-reduced/benchmark.json").read_text())
+    assert report["environment"]["device"] == "cpu"
+    assert not (tmp_path / "results").exists()
 
 
 def test_the_code_measured_is_named_by_the_last_commit_that_changed_it(tmp_path, monkeypatch):
