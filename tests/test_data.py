@@ -269,6 +269,12 @@ def test_prepare_command(synthetic_root, tmp_path, capsys):
     assert np.load(tmp_path / "c" / "val_labels.npy").shape == (8, 16, 32)
     with pytest.raises(SystemExit, match=r"deepcontrol-prepare: Cityscapes root .* does not exist"):
         main(["data=cityscapes", f"data.root={tmp_path}/missing", f"data.cache_dir={tmp_path}/d"])
+    before = (tmp_path / "c" / "manifest.json").stat().st_mtime_ns
+    main([*overrides, "--force", "data.height=16", "data.width=32"])  # rebuilt
+    assert (tmp_path / "c" / "manifest.json").stat().st_mtime_ns > before
+    with pytest.raises(SystemExit) as help_exit:  # help, not Hydra's parse error on "--help"
+        main(["--help"])
+    assert help_exit.value.code == 0 and "usage: deepcontrol-prepare" in capsys.readouterr().out
 
 
 def test_image_counts_other_than_the_official_split_are_reported(synthetic_root, tmp_path, caplog):

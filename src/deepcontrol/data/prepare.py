@@ -10,6 +10,7 @@ contours come from instance maps or, where a dataset has none, from class bounda
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -229,11 +230,18 @@ def main(argv: list[str] | None = None) -> None:
     """``deepcontrol-prepare [--force] [HYDRA OVERRIDES]``, e.g. ``data=cityscapes``."""
     from deepcontrol.config import compose
 
-    argv = sys.argv[1:] if argv is None else argv
-    force = "--force" in argv
-    cfg = compose([a for a in argv if a != "--force"])
+    parser = argparse.ArgumentParser(
+        prog="deepcontrol-prepare",
+        description="Build a dataset's training cache once: decoded, mapped and resized.",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild a cache that exists")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. data=cityscapes data.root=DIR"
+    )
+    args = parser.parse_intermixed_args(argv)  # --force before, among or after overrides
+    cfg = compose(args.overrides)
     try:
-        cache_dir, manifest = ensure_cache(cfg.data, force=force)
+        cache_dir, manifest = ensure_cache(cfg.data, force=args.force)
     except DatasetError as e:
         sys.exit(f"deepcontrol-prepare: {e}")
     counts = ", ".join(f"{s} {m['num_images']}" for s, m in manifest["splits"].items())
