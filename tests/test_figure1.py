@@ -23,7 +23,13 @@ from deepcontrol.figure1 import (
     panel_run_names,
     write_table,
 )
-from deepcontrol.results import collect_runs, gather_runs, read_runs_csv, write_runs_csv
+from deepcontrol.results import (
+    collect_runs,
+    gather_runs,
+    read_runs_csv,
+    run_record,
+    write_runs_csv,
+)
 from deepcontrol.sweeps import experiment_jobs
 
 EXPECTED_RUNS = {  # (model, norm, batch, lr) of Figure 1's panels, from the paper's caption
@@ -330,6 +336,25 @@ def test_runs_of_several_sweeps_gather_into_one_table(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 1 and not (tmp_path / "out").exists()
     assert done.stderr.startswith("collect_results: ") and "none: no run directories" in done.stderr
+
+
+def test_a_run_in_two_directories_of_one_folder_is_an_error_naming_both(tmp_path):
+    # say the default widths in outputs/camvid and a wider net in outputs/camvid/wide: the
+    # run names leave the width out, and the two runs' epochs would mix in one curve
+    for folder in ("run", "wide/run"):
+        run = tmp_path / folder
+        run.mkdir(parents=True)
+        OmegaConf.save(compose(), run / "config.yaml", resolve=True)
+        (run / "metrics.csv").write_text("epoch,val_pixel_error\n1,0.5\n")
+    with pytest.raises(ValueError, match=r"s0-e150 is in both .*/run and .*/wide/run; run names"):
+        collect_runs(tmp_path)
+
+
+def test_a_summary_that_is_not_json_is_named(tmp_path):
+    OmegaConf.save(compose(), tmp_path / "config.yaml", resolve=True)
+    (tmp_path / "summary.json").write_text('{"status": "finis')
+    with pytest.raises(ValueError, match=r"summary.json: not valid JSON"):
+        run_record(tmp_path)
 
 
 def test_lambda_figure_draws_a_settings_seeds_as_their_mean():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from deepcontrol.atomic import write_atomic
+from deepcontrol.logging import read_json
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -40,8 +40,7 @@ def run_record(run_dir: Path) -> dict:
     """A run's settings and outcome, from its config.yaml and summary.json."""
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json(run_dir / "summary.json") or {}
     return {
         "run_name": cfg.run_name,
         "model": cfg.model.name,
@@ -61,14 +60,22 @@ def collect_runs(outputs: Path) -> list[dict]:
     """One row per epoch of every run under ``outputs`` (any depth), settings first.
 
     A run without a finished epoch (diverged in its first) still gets one row, so that it
-    is not lost from the table.
+    is not lost from the table. A run found in two directories is an error, naming both:
+    their epochs would mix in one curve.
     """
     rows = []
+    found: dict[str, Path] = {}
     for config in sorted(Path(outputs).rglob("config.yaml")):
         run_dir = config.parent
         if config.parent.name == ".hydra":
             continue
         record = run_record(run_dir)
+        if (first := found.setdefault(record["run_name"], run_dir)) != run_dir:
+            raise ValueError(
+                f"run {record['run_name']} is in both {first} and {run_dir}; run names leave "
+                "out the image size and network width, so runs that differ in those need "
+                "folders of their own, each collected into its own results folder"
+            )
         metrics = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
         rows += [{**record, **row} for row in metrics] or [record]
     if not rows:
