@@ -113,3 +113,76 @@ def test_bf16_autocast_keeps_activation_dtype():
 def test_wrong_channel_count_is_a_clear_error():
     with pytest.raises(ValueError, match=r"AutoGainControl2d\(4\) expects \(N, 4, H, W\)"):
         AutoGainControl2d(4)(torch.randn(1, 3, 2, 2))
+
+
+# Beyond the paper: the background levels it names for future work
+
+
+def test_median_background_is_the_median_of_each_sample_and_channel():
+    agc = AutoGainControl2d(1, background="median")
+    y = torch.tensor([[[[0.0, 1.0, 100.0], [2.0, 3.0, -50.0]]],
+                      [[[5.0, 5.0, 5.0], [5.0, 6.0, 9.0]]]])  # fmt: skip
+    # medians 1 (the lower of 1 and 2) and 5; λ = γ = 1, β = 0; the outlier does not move it
+    expected = torch.cat([y[:1] - 1.0, y[1:] - 5.0])
+    assert torch.equal(agc(y), expected)
+
+
+def test_a_window_covering_the_map_is_the_paper_s_mean_and_one_position_is_itself():
+    torch.manual_seed(0)
+    y = torch.randn(2, 3, 5, 7) * 3 + 2
+    paper = random_agc(3)
+    wide = AutoGainControl2d(3, background="window", window=15)
+    wide.load_state_dict(paper.state_dict())
+    torch.testing.assert_close(wide(y), paper(y), rtol=1e-5, atol=1e-5)
+    single = AutoGainControl2d(3, background="window", window=1)
+    single.load_state_dict(paper.state_dict())
+    lam, gamma, beta = (p.detach().view(1, 3, 1, 1) for p in paper.parameters())
+    torch.testing.assert_close(single(y), (1 - lam) * y * gamma + beta)
+
+
+def test_window_background_is_the_local_mean_inside_the_map():
+    agc = AutoGainControl2d(1, background="window", window=3)
+    y = torch.arange(12.0).view(1, 1, 3, 4)
+    out = agc(y)
+    # corner (0, 0) averages the 2×2 inside the map: (0 + 1 + 4 + 5) / 4 = 2.5
+    assert out[0, 0, 0, 0] == 0.0 - 2.5
+    # centre (1, 1) averages the full 3×3: its mean is y[1, 1] itself, 5
+    assert out[0, 0, 1, 1] == 0.0
+    # the same as one 2-d average over the window, on an odd-sized map
+    y = torch.randn(2, 1, 11, 6)
+    mean = torch.nn.functional.avg_pool2d(y, 5, 1, 2, count_include_pad=False)
+    agc = AutoGainControl2d(1, background="window", window=5)
+    torch.testing.assert_close(agc(y), y - mean)
+
+
+@pytest.mark.parametrize("background", ["median", "window"])
+def test_variant_backgrounds_have_gradients_for_every_parameter(background):
+    torch.manual_seed(0)
+    agc = AutoGainControl2d(3, background=background, window=3).double()
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=background == "window")
+    assert torch.autograd.gradcheck(
+        lambda y, lam, w, b: torch.func.functional_call(
+            agc, {"mean_scale": lam, "weight": w, "bias": b}, (y,)
+        ),
+        (y, *(p.detach().clone().requires_grad_() for p in agc.parameters())),
+    )
+
+
+def test_the_median_is_a_constant_to_the_backward():
+    torch.manual_seed(0)
+    agc = random_agc(3)
+    agc.background = "median"
+    y = torch.randn(2, 3, 4, 5, requires_grad=True)
+    g = torch.randn(2, 3, 4, 5)
+    agc(y).backward(g)
+    torch.testing.assert_close(y.grad, g * agc.weight.detach().view(1, 3, 1, 1))
+
+
+def test_bad_backgrounds_are_named():
+    with pytest.raises(ValueError, match="background must be one of mean, median, window"):
+        AutoGainControl2d(3, background="mode")
+    with pytest.raises(ValueError, match="window must be a positive odd size, got 4"):
+        AutoGainControl2d(3, background="window", window=4)
+    forced = AutoGainControl2d(3, relu=True, kernels="triton", background="median")
+    with pytest.raises(ValueError, match="fused AGC kernels take the mean only, not the median"):
+        forced(torch.randn(1, 3, 2, 2))

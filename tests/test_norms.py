@@ -4,16 +4,18 @@ import pytest
 import torch
 from torch import nn
 
-from deepcontrol.nn import NORMS, AutoGainControl2d, ChannelBias, make_norm
+from deepcontrol.nn import NORMS, AutoGainControl2d, ChannelBias, ConvNormReLU, make_norm
 
 
 @pytest.mark.parametrize(
     "name, cls", [("bn", nn.BatchNorm2d), ("agc", AutoGainControl2d), ("gn", nn.GroupNorm),
-                  ("in", nn.InstanceNorm2d), ("none", ChannelBias)],
+                  ("in", nn.InstanceNorm2d), ("none", ChannelBias),
+                  ("agc-median", AutoGainControl2d), ("agc-window", AutoGainControl2d)],
 )  # fmt: skip
 def test_every_norm_builds_and_keeps_shape(name, cls):
     norm = make_norm(name, 64)
     assert isinstance(norm, cls)
+    assert set(NORMS) == {"bn", "agc", "gn", "in", "none", "agc-median", "agc-window"}
     x = torch.randn(2, 64, 5, 7)
     assert norm(x).shape == x.shape
 
@@ -44,3 +46,11 @@ def test_unknown_norm_lists_the_choices():
     assert "'layernorm'" in message
     for name in NORMS:
         assert name in message
+
+
+@pytest.mark.parametrize("norm", ["agc", "agc-median", "agc-window"])
+def test_every_agc_takes_in_the_relu_after_it(norm):
+    block = ConvNormReLU(3, 8, norm)
+    assert len(block) == 2 and block[1].relu
+    assert block[1].background == {"agc": "mean", "agc-median": "median"}.get(norm, "window")
+    assert (block(torch.randn(2, 3, 6, 6)) >= 0).all()

@@ -7,11 +7,15 @@ not the adaptive gradient clipping of NF-Nets.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deepcontrol.nn.fused_agc import agc_relu, triton_agc
 
 KERNELS = ("auto", "reference", "triton")  # AutoGainControl2d's ``kernels``
+# What eq. (1) subtracts λ times: the paper's per-(sample, channel) mean over the map, or
+# one of the variants it names for future work, the median or a sliding-window mean.
+BACKGROUNDS = ("mean", "median", "window")
 
 
 def _checked_kernels(kernels: str) -> str:
@@ -37,6 +41,13 @@ class AutoGainControl2d(nn.Module):
     each for λ, γ, β and the ReLU), and in training it saves no activation of its own. It
     runs this readable reference elsewhere; ``"reference"`` or ``"triton"`` force one.
     Both compute the same values.
+
+    ``background`` picks what λ scales, per sample and channel: ``"mean"``, eq. (1); or the
+    estimates of the background level the paper names for future work instead, ``"median"``
+    (over the map's positions; the lower middle value of an even count, as torch.median)
+    and ``"window"``, the mean over a ``window`` × ``window`` neighbourhood of each position
+    (over the positions inside the map, at its edges). Those two run the reference only,
+    and the median is held constant in the backward.
     """
 
     def __init__(
@@ -45,12 +56,22 @@ class AutoGainControl2d(nn.Module):
         mean_scale_init: float = 1.0,
         relu: bool = False,
         kernels: str = "auto",
+        background: str = "mean",
+        window: int = 9,
     ) -> None:
         super().__init__()
+        if background not in BACKGROUNDS:
+            raise ValueError(
+                f"AGC background must be one of {', '.join(BACKGROUNDS)}, got {background!r}"
+            )
+        if background == "window" and (window < 1 or window % 2 == 0):
+            raise ValueError(f"AGC window must be a positive odd size, got {window}")
         self.num_channels = num_channels
         self.mean_scale_init = mean_scale_init
         self.relu = relu
         self.kernels = _checked_kernels(kernels)
+        self.background = background
+        self.window = window
         self.mean_scale = nn.Parameter(torch.full((num_channels,), float(mean_scale_init)))
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -63,20 +84,39 @@ class AutoGainControl2d(nn.Module):
             )
         kernels = self.kernels
         if kernels == "auto":
-            kernels = "triton" if y.is_cuda and triton_agc is not None else "reference"
+            fusable = y.is_cuda and triton_agc is not None and self.background == "mean"
+            kernels = "triton" if fusable else "reference"
+        if kernels == "triton" and self.background != "mean":
+            raise ValueError(f"the fused AGC kernels take the mean only, not the {self.background}")
         if self.relu and kernels == "triton":
             return agc_relu(y, self.mean_scale, self.weight, self.bias)
         shape = (1, self.num_channels, 1, 1)
         mean_scale = self.mean_scale.to(y.dtype).view(shape)
         weight = self.weight.to(y.dtype).view(shape)
         bias = self.bias.to(y.dtype).view(shape)
-        mean = y.mean(dim=(2, 3), keepdim=True)
-        out = (y - mean_scale * mean) * weight + bias
+        out = (y - mean_scale * self._background_level(y)) * weight + bias
         return torch.relu(out) if self.relu else out
+
+    def _background_level(self, y: torch.Tensor) -> torch.Tensor:
+        if self.background == "mean":
+            return y.mean(dim=(2, 3), keepdim=True)
+        if self.background == "median":
+            # a constant to the backward: the median's own gradient puts a whole map's
+            # gradient sum on one position, and with it SegNet's first gradient was 430 times
+            # the mean's and its loss NaN by the fourth step (docs/notes.md)
+            return y.flatten(2).median(dim=2).values.detach()[..., None, None]
+        # along W, then along H: the same window mean, as the count inside the map is the
+        # product of the two, in 2k operations per position instead of k²
+        k, half = self.window, self.window // 2
+        rows = F.avg_pool2d(y, (1, k), 1, (0, half), count_include_pad=False)
+        return F.avg_pool2d(rows, (k, 1), 1, (half, 0), count_include_pad=False)
 
     def extra_repr(self) -> str:
         relu = ", relu=True" if self.relu else ""
-        return f"{self.num_channels}, mean_scale_init={self.mean_scale_init}{relu}"
+        background = {"mean": "", "median": ", background=median"}.get(
+            self.background, f", background=window, window={self.window}"
+        )
+        return f"{self.num_channels}, mean_scale_init={self.mean_scale_init}{relu}{background}"
 
 
 def agc_mean_scales(model: nn.Module) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ def _group_norm(num_channels: int) -> nn.GroupNorm:
 NORMS: dict[str, Callable[..., nn.Module]] = {
     "bn": nn.BatchNorm2d,
     "agc": AutoGainControl2d,
+    # beyond the paper: the background levels it names for future work (AutoGainControl2d)
+    "agc-median": partial(AutoGainControl2d, background="median"),
+    "agc-window": partial(AutoGainControl2d, background="window"),
     "gn": _group_norm,
     "in": lambda num_channels: nn.InstanceNorm2d(num_channels, affine=True),
     "none": ChannelBias,
@@ -37,7 +41,7 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
 
 
 def make_norm(name: str, num_channels: int) -> nn.Module:
-    """The norm layer ``name`` (bn, agc, gn, in or none) for ``num_channels`` channels."""
+    """The norm layer ``name`` (one of ``NORMS``) for ``num_channels`` channels."""
     if name not in NORMS:
         raise ValueError(f"unknown norm {name!r}: choose one of {', '.join(sorted(NORMS))}")
     return NORMS[name](num_channels)
@@ -50,7 +54,9 @@ class ConvNormReLU(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, norm: str, kernel: int = 3) -> None:
         conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
-        if norm == "agc":
-            super().__init__(conv, AutoGainControl2d(out_channels, relu=True))
+        layer = make_norm(norm, out_channels)
+        if isinstance(layer, AutoGainControl2d):
+            layer.relu = True
+            super().__init__(conv, layer)
         else:
-            super().__init__(conv, make_norm(norm, out_channels), nn.ReLU(inplace=True))
+            super().__init__(conv, layer, nn.ReLU(inplace=True))
