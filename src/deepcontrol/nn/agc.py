@@ -47,7 +47,7 @@ class AutoGainControl2d(nn.Module):
     (over the map's positions; the lower middle value of an even count, as torch.median)
     and ``"window"``, the mean over a ``window`` × ``window`` neighbourhood of each position
     (over the positions inside the map, at its edges). Those two run the reference only,
-    and the median is held constant in the backward.
+    and the median's gradient is taken as the mean's.
     """
 
     def __init__(
@@ -101,10 +101,15 @@ class AutoGainControl2d(nn.Module):
         if self.background == "mean":
             return y.mean(dim=(2, 3), keepdim=True)
         if self.background == "median":
-            # a constant to the backward: the median's own gradient puts a whole map's
-            # gradient sum on one position, and with it SegNet's first gradient was 430 times
-            # the mean's and its loss NaN by the fourth step (docs/notes.md)
-            return y.flatten(2).median(dim=2).values.detach()[..., None, None]
+            # The median forward, the mean's gradient backward (straight through). The
+            # median's own gradient puts a map's whole gradient sum on one position: SegNet's
+            # first gradient was 430 times the mean AGC's and its loss NaN by the 4th step.
+            # Held constant, the backward forgets that the level moves with the map, and the
+            # run diverged in epoch 2. Mean and median both move one for one with a constant
+            # added to the map, which this keeps (docs/notes.md).
+            mean = y.mean(dim=(2, 3), keepdim=True)
+            median = y.flatten(2).median(dim=2).values[..., None, None]
+            return mean + (median - mean).detach()
         # along W, then along H: the same window mean, as the count inside the map is the
         # product of the two, in 2k operations per position instead of k²
         k, half = self.window, self.window // 2
