@@ -47,7 +47,8 @@ class AutoGainControl2d(nn.Module):
     (over the map's positions; the lower middle value of an even count, as torch.median)
     and ``"window"``, the mean over a ``window`` × ``window`` neighbourhood of each position
     (over the positions inside the map, at its edges). Those two run the reference only,
-    and the median's gradient is taken as the mean's.
+    and the median's gradient is taken as the mean's. On CamVid at the paper's lr the window
+    trained 11 points behind the mean and the median diverged (results/camvid-cpu-small).
     """
 
     def __init__(
@@ -101,12 +102,11 @@ class AutoGainControl2d(nn.Module):
         if self.background == "mean":
             return y.mean(dim=(2, 3), keepdim=True)
         if self.background == "median":
-            # The median forward, the mean's gradient backward (straight through). The
-            # median's own gradient puts a map's whole gradient sum on one position: SegNet's
-            # first gradient was 430 times the mean AGC's and its loss NaN by the 4th step.
-            # Held constant, the backward forgets that the level moves with the map, and the
-            # run diverged in epoch 2. Mean and median both move one for one with a constant
-            # added to the map, which this keeps (docs/notes.md).
+            # The median forward, the mean's gradient backward (straight through): both
+            # levels move one for one with a constant added to the map. The median's own
+            # gradient puts a map's whole gradient sum on one position, and held constant
+            # the backward forgets that the level moves with the map; both diverged sooner.
+            # At lr 0.08 on CamVid this diverged too, in every seed (docs/notes.md).
             mean = y.mean(dim=(2, 3), keepdim=True)
             median = y.flatten(2).median(dim=2).values[..., None, None]
             return mean + (median - mean).detach()
