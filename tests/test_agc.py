@@ -52,10 +52,13 @@ def test_no_division_by_std():
     assert agc(y).flatten().tolist() == [-15.0, -5.0, 5.0, 15.0]
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("background", ["mean", "window", "median"])
+def test_gradcheck_float64(background):
     torch.manual_seed(0)
     agc = random_agc(3, torch.float64)
-    y = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    agc.background, agc.window = background, 3
+    # the median's gradient is the mean's by choice, not its own: only its parameters' check
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=background != "median")
     assert torch.autograd.gradcheck(
         lambda y, lam, w, b: torch.func.functional_call(
             agc, {"mean_scale": lam, "weight": w, "bias": b}, (y,)
@@ -153,19 +156,6 @@ def test_window_background_is_the_local_mean_inside_the_map():
     mean = torch.nn.functional.avg_pool2d(y, 5, 1, 2, count_include_pad=False)
     agc = AutoGainControl2d(1, background="window", window=5)
     torch.testing.assert_close(agc(y), y - mean)
-
-
-@pytest.mark.parametrize("background", ["median", "window"])
-def test_variant_backgrounds_have_gradients_for_every_parameter(background):
-    torch.manual_seed(0)
-    agc = AutoGainControl2d(3, background=background, window=3).double()
-    y = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=background == "window")
-    assert torch.autograd.gradcheck(
-        lambda y, lam, w, b: torch.func.functional_call(
-            agc, {"mean_scale": lam, "weight": w, "bias": b}, (y,)
-        ),
-        (y, *(p.detach().clone().requires_grad_() for p in agc.parameters())),
-    )
 
 
 def test_the_median_takes_the_mean_s_gradient():
