@@ -15,7 +15,6 @@ from deepcontrol.nn import NORMS, AutoGainControl2d, ChannelBias, ConvNormReLU, 
 def test_every_norm_builds_and_keeps_shape(name, cls):
     norm = make_norm(name, 64)
     assert isinstance(norm, cls)
-    assert set(NORMS) == {"bn", "agc", "gn", "in", "none", "agc-median", "agc-window"}
     x = torch.randn(2, 64, 5, 7)
     assert norm(x).shape == x.shape
 
@@ -40,6 +39,7 @@ def test_none_is_a_learned_bias():
 
 
 def test_unknown_norm_lists_the_choices():
+    assert set(NORMS) == {"bn", "agc", "gn", "in", "none", "agc-median", "agc-window"}
     with pytest.raises(ValueError) as error:
         make_norm("layernorm", 8)
     message = str(error.value)

@@ -283,44 +283,45 @@ def claims_measured(runs: dict) -> list[str]:
     diverged is left out of the means and named. Runs of different datasets or lengths are
     not compared: each (data, epochs) gets its own claims, prefixed with it when there are
     several."""
-    contexts: dict[tuple, dict] = {}
-    for name, rows in runs.items():
-        contexts.setdefault((rows[0].get("data"), rows[0].get("epochs")), {})[name] = rows
+    contexts: dict[tuple, list[list[list[dict]]]] = {}
+    for group in by_setting(list(runs), runs)[0]:
+        first = group[0][0]
+        contexts.setdefault((first.get("data"), first.get("epochs")), []).append(group)
     if len(contexts) == 1:
-        return _claims(next(iter(contexts.values())))
-    return [f"{data}, {epochs:g} epochs: {line}" for (data, epochs), subset in contexts.items()
-            for line in _claims(subset)]  # fmt: skip
+        return _claims(*contexts.values())
+    return [f"{data}, {epochs:g} epochs: {line}" for (data, epochs), groups in contexts.items()
+            for line in _claims(groups)]  # fmt: skip
 
 
-def _claims(runs: dict) -> list[str]:
-    """:func:`claims_measured` over runs of one dataset and length."""
+def _diverged_runs(key: tuple, count: int) -> str:
+    model, norm, batch, lr = key
+    return f"{model}, {norm.upper()}, batch {batch:g}, lr {lr:g} ({count} run{'s' * (count > 1)})"
+
+
+def _claims(groups: list[list[list[dict]]]) -> list[str]:
+    """:func:`claims_measured` over the settings (each its seeds' runs) of one dataset and
+    length."""
     finals: dict[tuple, list[float]] = {}  # (model, norm, batch, lr) -> each run's final error
     diverged: dict[tuple, int] = {}
-    for rows in runs.values():
-        first = rows[0]
+    for group in groups:
+        first = group[0][0]
         key = (first["model"], first["norm"], first["batch_size"], first["lr"])
-        if first.get("status") == "diverged":
-            diverged[key] = diverged.get(key, 0) + 1
-        elif done := _epochs(rows):
-            finals.setdefault(key, []).append(done[-1]["val_pixel_error"])
-
-    def named(keys: list[tuple]) -> str:
-        return "; ".join(f"{m}, {n.upper()}, batch {b:g}, lr {lr:g} ({diverged[k]} "
-                         f"{'run' if diverged[k] == 1 else 'runs'})"
-                         for k in keys for m, n, b, lr in [k])  # fmt: skip
+        alive, gone = _by_status(group)
+        finals[key] = [done[-1]["val_pixel_error"] for rows in alive if (done := _epochs(rows))]
+        diverged[key] = len(gone)
 
     lines = []
 
     def claim(subject: str, keys: list[tuple], text: Callable[..., str]) -> None:
         """``text`` of the keys' mean final errors, if each has a run that did not diverge."""
         errors = [finals.get(k, []) for k in keys]
-        gone = [k for k in keys if k in diverged]
+        gone = [_diverged_runs(k, diverged[k]) for k in keys if diverged.get(k)]
         if all(errors):
-            left_out = f" Diverged and left out: {named(gone)}." if gone else ""
+            left_out = f" Diverged and left out: {'; '.join(gone)}." if gone else ""
             lines.append(text(*map(_mean, errors)) + _seeds_note(*errors) + left_out)
-        elif all(e or k in diverged for k, e in zip(keys, errors, strict=True)):
-            lost = [k for k, e in zip(keys, errors, strict=True) if not e]
-            lines.append(f"{subject}: not measured, every run diverged: {named(lost)}.")
+        elif all(finals.get(k) or diverged.get(k) for k in keys):
+            lost = [_diverged_runs(k, diverged[k]) for k in keys if not finals.get(k)]
+            lines.append(f"{subject}: not measured, every run diverged: {'; '.join(lost)}.")
 
     for model in ("segnet", "classnet"):
         claim(f"{model}, batch 4, lr 0.08", [(model, norm, 4, 0.08) for norm in ("agc", "bn")],

@@ -56,6 +56,14 @@ def run_record(run_dir: Path) -> dict:
     }
 
 
+def _found_once(found: dict[str, Path], name: str, where: Path, why: str = "") -> None:
+    """Record that run ``name`` is in ``where``; an error naming both places if it was found
+    before (each directory, or each source, is read once)."""
+    if name in found:
+        raise ValueError(f"run {name} is in both {found[name]} and {where}{why}")
+    found[name] = where
+
+
 def collect_runs(outputs: Path) -> list[dict]:
     """One row per epoch of every run under ``outputs`` (any depth), settings first.
 
@@ -70,12 +78,9 @@ def collect_runs(outputs: Path) -> list[dict]:
         if config.parent.name == ".hydra":
             continue
         record = run_record(run_dir)
-        if (first := found.setdefault(record["run_name"], run_dir)) != run_dir:
-            raise ValueError(
-                f"run {record['run_name']} is in both {first} and {run_dir}; run names leave "
-                "out the image size and network width, so runs that differ in those need "
-                "folders of their own, each collected into its own results folder"
-            )
+        _found_once(found, record["run_name"], run_dir, "; run names leave out the image size "
+                    "and network width, so runs that differ in those need folders of their "
+                    "own, each collected into its own results folder")  # fmt: skip
         metrics = read_metrics(run_dir) if (run_dir / "metrics.csv").is_file() else []
         rows += [{**record, **row} for row in metrics] or [record]
     if not rows:
@@ -99,9 +104,7 @@ def gather_runs(sources: list[Path]) -> list[dict]:
         else:
             new = collect_runs(source)
         for name in dict.fromkeys(str(row["run_name"]) for row in new):
-            if name in found:
-                raise ValueError(f"run {name} is in both {found[name]} and {source}")
-            found[name] = source
+            _found_once(found, name, source)
         rows += new
     return rows
 

@@ -118,9 +118,9 @@ class AutoGainControl2d(nn.Module):
 
     def extra_repr(self) -> str:
         relu = ", relu=True" if self.relu else ""
-        background = {"mean": "", "median": ", background=median"}.get(
-            self.background, f", background=window, window={self.window}"
-        )
+        background = "" if self.background == "mean" else f", background={self.background}"
+        if self.background == "window":
+            background += f", window={self.window}"
         return f"{self.num_channels}, mean_scale_init={self.mean_scale_init}{relu}{background}"
 
 
