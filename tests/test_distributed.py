@@ -15,10 +15,8 @@ from torch import multiprocessing as mp
 from deepcontrol.data import build_data
 from deepcontrol.distributed import init_distributed, unwrap, wrap_model
 from deepcontrol.engine import evaluate, train_one_epoch
-from deepcontrol.losses import build_loss
-from deepcontrol.models import build_model
 from deepcontrol.results import read_metrics
-from deepcontrol.train import build_optimizer, seed_everything, train
+from deepcontrol.train import build_training, train
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +33,11 @@ def free_port() -> int:
 
 def one_epoch(cfg, rank: int, world_size: int, out: Path) -> None:
     """Train one epoch and evaluate, as rank ``rank`` of ``world_size``; save what it ends with."""
-    seed_everything(cfg.seed)
     place, device = init_distributed(torch.device("cpu"))
-    data = build_data(cfg.data, device, cfg.seed, place.rank, place.world_size)
-    model = build_model(cfg, data.num_classes)
-    optimizer = build_optimizer(cfg.optim, model)
-    model = wrap_model(model, place, cfg.norm.sync)
-
-    loss_fn = build_loss(cfg.loss, data.class_weights)
-
-    stats = train_one_epoch(model, data.train, optimizer, loss_fn)
-    metrics, _ = evaluate(unwrap(model), data.val, loss_fn, data.num_classes, "fp32")
+    run = build_training(cfg, device, place.rank, place.world_size)
+    model = wrap_model(run.model, place, cfg.norm.sync)
+    stats = train_one_epoch(model, run.data.train, run.optimizer, run.loss_fn)
+    metrics, _ = evaluate(unwrap(model), run.data.val, run.loss_fn, run.data.num_classes, "fp32")
     torch.save({"model": unwrap(model).state_dict(), **stats, **metrics}, out / f"rank{rank}.pt")
 
 

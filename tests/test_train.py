@@ -16,7 +16,7 @@ from deepcontrol.logging import RunLogger
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import build_model
 from deepcontrol.results import read_metrics
-from deepcontrol.train import resolve_device, train, use_channels_last
+from deepcontrol.train import build_training, resolve_device, train, use_channels_last
 
 pytestmark = pytest.mark.slow
 
@@ -321,3 +321,17 @@ def test_channels_last_is_auto_on_cuda_only_and_a_bad_value_is_named():
     assert use_channels_last(True, torch.device("cpu")) is True
     with pytest.raises(ValueError, match="train.channels_last must be true, false or auto"):
         use_channels_last("yes", torch.device("cpu"))
+
+
+def test_build_training_seeds_first_so_one_config_gives_one_network(synthetic_root, cache):
+    cfg = tiny_config(synthetic_root, cache, *SIZE)
+    first = build_training(cfg, torch.device("cpu"))
+    torch.rand(1000)  # whatever ran before must not change the run's initial weights
+    second = build_training(cfg, torch.device("cpu"))
+    reseeded = tiny_config(synthetic_root, cache, *SIZE, "seed=1")
+    other_seed = build_training(reseeded, torch.device("cpu"))
+    runs = (first, second, other_seed)
+    weights = [run.model.state_dict()["encoder.0.0.0.weight"] for run in runs]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    assert first.optimizer.param_groups[0]["lr"] == cfg.optim.lr
+    assert first.data.num_classes == 19 and first.data.train.num_samples == 16

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -42,7 +43,7 @@ from deepcontrol.engine import (
 )
 from deepcontrol.locks import exclusive_lock
 from deepcontrol.logging import RunLogger, read_json
-from deepcontrol.losses import build_loss
+from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import build_model, model_outputs_contours
 from deepcontrol.nn import agc_mean_scales
 
@@ -114,6 +115,34 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@dataclass
+class TrainingSetup:
+    """What one run trains: its data, network, optimiser and loss."""
+
+    data: Data
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+
+
+def build_training(
+    cfg: DictConfig, device: torch.device, rank: int = 0, world_size: int = 1
+) -> TrainingSetup:
+    """The run ``cfg`` as training builds it, as process ``rank`` of ``world_size``: seeded
+    with ``cfg.seed`` first, so one config gives the same initial weights wherever it is
+    built (training, the tests, the record scripts in ``results/``); the model on ``device``,
+    NHWC where ``train.channels_last`` says."""
+    seed_everything(cfg.seed)
+    data = build_data(cfg.data, device, cfg.seed, rank, world_size, model_outputs_contours(cfg))
+    model = build_model(cfg, data.num_classes).to(device)
+    if use_channels_last(cfg.train.channels_last, device):
+        model = model.to(memory_format=torch.channels_last)
+    weights = None if data.class_weights is None else data.class_weights.to(device)
+    return TrainingSetup(
+        data, model, build_optimizer(cfg.optim, model), build_loss(cfg.loss, weights)
+    )
 
 
 # Settings that may change between a run and its resumption without changing the run.
@@ -235,7 +264,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             log.info(f"{run_dir}: already {previous['status']}, nothing to do")
             return previous
 
-    seed_everything(cfg.seed)
     torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
     place, device = init_distributed(resolve_device(cfg.device))
     if not place.is_main:  # one process speaks for the run
@@ -245,14 +273,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         ensure_cache(cfg.data)  # once, before the other processes read it
     if place.enabled:
         torch.distributed.barrier()
-    contours = model_outputs_contours(cfg)
-    data = build_data(cfg.data, device, cfg.seed, place.rank, place.world_size, contours)
-    model = build_model(cfg, data.num_classes).to(device)
-    if use_channels_last(cfg.train.channels_last, device):
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model)
-    weights = None if data.class_weights is None else data.class_weights.to(device)
-    loss_fn = build_loss(cfg.loss, weights)
+    setup = build_training(cfg, device, place.rank, place.world_size)
+    data, model, optimizer, loss_fn = setup.data, setup.model, setup.optimizer, setup.loss_fn
 
     start_epoch, history, best = 0, [], {"val_pixel_error": math.inf, "epoch": None}
     running = None  # the partial sums of an epoch interrupted midway

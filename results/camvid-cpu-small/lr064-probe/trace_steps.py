@@ -6,8 +6,8 @@ AGC layers. It stops at the first non-finite loss, or after 4 epochs (184 steps)
 Run from the repository root, with overrides after the script's name:
     .venv/bin/python results/camvid-cpu-small/lr064-probe/trace_steps.py
     .venv/bin/python results/camvid-cpu-small/lr064-probe/trace_steps.py data.input_norm=standard
-It builds the run as deepcontrol.train does (same config, seed, data, model, optimiser and
-loss) and takes its steps with deepcontrol.engine.sgd_step, in fp32 on the CPU.
+It builds the run with deepcontrol.train.build_training, as training does, and takes its
+steps with deepcontrol.engine.sgd_step, in fp32 on the CPU.
 """
 
 import math
@@ -16,24 +16,17 @@ import sys
 import torch
 
 from deepcontrol.config import compose
-from deepcontrol.data import build_data, ensure_cache
 from deepcontrol.engine import sgd_step
-from deepcontrol.losses import build_loss
-from deepcontrol.models import build_model, model_outputs_contours
 from deepcontrol.nn import AutoGainControl2d
-from deepcontrol.train import build_optimizer, seed_everything
+from deepcontrol.train import build_training
 
 # The batch too: compose() makes one run, so the experiment's sweep (batch 8) does not apply
 SETTING = ["experiment=fig1h", "data.batch_size=8", "optim.lr=0.64", "data=camvid",
            "data.height=120", "data.width=160", "model.width=16", "device=cpu",
            "logger=none"]  # fmt: skip
 cfg = compose(SETTING + sys.argv[1:])
-seed_everything(cfg.seed)
-ensure_cache(cfg.data)
-data = build_data(cfg.data, torch.device("cpu"), cfg.seed, 0, 1, model_outputs_contours(cfg))
-model = build_model(cfg, data.num_classes)
-optimizer = build_optimizer(cfg.optim, model)
-loss_fn = build_loss(cfg.loss, data.class_weights)
+run = build_training(cfg, torch.device("cpu"))
+model, optimizer, loss_fn = run.model, run.optimizer, run.loss_fn
 convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 agcs = [m for m in model.modules() if isinstance(m, AutoGainControl2d)]
 initial = [conv.weight.detach().norm().item() for conv in convs]
@@ -41,7 +34,7 @@ print(f"lr {cfg.optim.lr}, batch {cfg.data.batch_size}, input_norm {cfg.data.inp
       f"seed {cfg.seed}: {len(convs)} convolutions, {len(agcs)} AGC layers")  # fmt: skip
 step = 0
 for _ in range(4):
-    for images, labels, contours in data.train:
+    for images, labels, contours in run.data.train:
         loss = sgd_step(model, optimizer, loss_fn, images, labels, contours, "fp32").item()
         step += 1
         norms = [conv.weight.detach().norm().item() for conv in convs]

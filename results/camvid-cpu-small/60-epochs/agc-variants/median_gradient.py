@@ -14,11 +14,8 @@ import sys
 import torch
 
 from deepcontrol.config import compose
-from deepcontrol.data import build_data, ensure_cache
-from deepcontrol.losses import build_loss
-from deepcontrol.models import build_model
 from deepcontrol.nn import AutoGainControl2d
-from deepcontrol.train import build_optimizer
+from deepcontrol.train import build_training
 
 as_committed = AutoGainControl2d._background_level  # the median with the mean's gradient
 
@@ -56,14 +53,10 @@ steps, every = (6, 1) if where == "synthetic" else (2 * 92, 15)  # CamVid: 92 st
 for label, norm, level in WAYS[where]:
     AutoGainControl2d._background_level = level
     cfg = compose([f"norm={norm}", "device=cpu", "logger=none", *SETTINGS[where]])
-    ensure_cache(cfg.data)
-    data = build_data(cfg.data, torch.device("cpu"), 0, 0, 1, False)
-    torch.manual_seed(0)
-    model = build_model(cfg, data.num_classes)
-    optimizer = build_optimizer(cfg.optim, model)
-    loss_fn = build_loss(cfg.loss, data.class_weights)
+    run = build_training(cfg, torch.device("cpu"))  # seed 0
+    model, optimizer, loss_fn = run.model, run.optimizer, run.loss_fn
     print(f"{label}: step, loss, gradient norm", flush=True)
-    batches = (batch for _ in range(steps) for batch in data.train)  # epochs back to back
+    batches = (batch for _ in range(steps) for batch in run.data.train)  # epochs back to back
     for step, (images, labels, *_) in zip(range(steps), batches, strict=False):
         loss = loss_fn(model(images), labels)
         optimizer.zero_grad()

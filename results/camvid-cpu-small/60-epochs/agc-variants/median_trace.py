@@ -9,21 +9,13 @@ median, and its largest output; and layer 1's largest output. From the repositor
 import torch
 
 from deepcontrol.config import compose
-from deepcontrol.data import build_data, ensure_cache
-from deepcontrol.losses import build_loss
-from deepcontrol.models import build_model
 from deepcontrol.nn import AutoGainControl2d
-from deepcontrol.train import build_optimizer, seed_everything
+from deepcontrol.train import build_training
 
 overrides = ["data=camvid", "norm=agc-median", "data.batch_size=4", "data.height=120",
              "data.width=160", "model.width=16", "device=cpu", "logger=none", "seed=1"]  # fmt: skip
-cfg = compose(overrides)
-seed_everything(cfg.seed)  # as deepcontrol.train does, before the data and the model
-ensure_cache(cfg.data)
-data = build_data(cfg.data, torch.device("cpu"), cfg.seed)
-model = build_model(cfg, data.num_classes)
-optimizer = build_optimizer(cfg.optim, model)
-loss_fn = build_loss(cfg.loss, data.class_weights)
+run = build_training(compose(overrides), torch.device("cpu"))  # as deepcontrol.train does
+model, optimizer, loss_fn = run.model, run.optimizer, run.loss_fn
 seen: dict[int, tuple[float, float, float]] = {}
 
 
@@ -41,7 +33,7 @@ for depth, layer in enumerate(layers, 1):
     layer.register_forward_hook(record(depth))
 print("step, loss, gradient norm; layer with the largest output: its |y|, |mean - median|, "
       "|out|; layer 1's |out|")  # fmt: skip
-for step, (images, labels, *_) in enumerate(data.train):
+for step, (images, labels, *_) in enumerate(run.data.train):
     loss = loss_fn(model(images), labels)
     optimizer.zero_grad()
     loss.backward()
