@@ -151,11 +151,20 @@ def test_window_background_is_the_local_mean_inside_the_map():
     assert out[0, 0, 0, 0] == 0.0 - 2.5
     # centre (1, 1) averages the full 3×3: its mean is y[1, 1] itself, 5
     assert out[0, 0, 1, 1] == 0.0
-    # the same as one 2-d average over the window, on an odd-sized map
-    y = torch.randn(2, 1, 11, 6)
-    mean = torch.nn.functional.avg_pool2d(y, 5, 1, 2, count_include_pad=False)
-    agc = AutoGainControl2d(1, background="window", window=5)
+
+
+@pytest.mark.parametrize("window", [1, 5, 9, 21])
+def test_window_background_is_one_2d_average_over_the_window(window):
+    # on an odd-sized map, with windows narrower and wider than it
+    torch.manual_seed(0)
+    y = torch.randn(2, 1, 11, 6) * 3 + 2
+    mean = torch.nn.functional.avg_pool2d(y, window, 1, window // 2, count_include_pad=False)
+    agc = AutoGainControl2d(1, background="window", window=window)
     torch.testing.assert_close(agc(y), y - mean)
+    # bf16 activations stay bf16, off by bf16's rounding only
+    low = agc(y.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), agc(y.bfloat16().float()), rtol=1e-2, atol=3e-2)
 
 
 def test_the_median_takes_the_mean_s_gradient():
