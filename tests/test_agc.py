@@ -189,6 +189,9 @@ def test_bad_backgrounds_are_named():
         AutoGainControl2d(3, background="mode")
     with pytest.raises(ValueError, match="window must be a positive odd size, got 4"):
         AutoGainControl2d(3, background="window", window=4)
+    with pytest.raises(ValueError, match="window applies to background='window' only"):
+        AutoGainControl2d(3, window=9)
+    assert AutoGainControl2d(3, background="window").window == 9
     forced = AutoGainControl2d(3, relu=True, kernels="triton", background="median")
     with pytest.raises(ValueError, match="fused AGC kernels take the mean only, not the median"):
         forced(torch.randn(1, 3, 2, 2))

@@ -1,8 +1,12 @@
 """The Hydra config: the learning-rate rule, run names and the config groups."""
 
 import pytest
+from omegaconf import OmegaConf
 
 from deepcontrol.config import CONFIG_DIR, compose
+from deepcontrol.models import build_model
+from deepcontrol.nn import AutoGainControl2d
+from deepcontrol.results import run_record
 
 
 @pytest.mark.parametrize("batch, lr", [(1, 0.02), (4, 0.08), (8, 0.16)])
@@ -30,3 +34,17 @@ def test_every_norm_and_dataset_has_a_config():
     assert sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")) == [
         "camvid", "cityscapes", "synthetic"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides, window", [([], 9), (["norm.window=33"], 33)])
+def test_the_window_size_reaches_every_layer_the_run_name_and_the_record(
+    overrides, window, tmp_path
+):
+    cfg = compose(["norm=agc-window", "model.width=8", *overrides])
+    layers = [m for m in build_model(cfg, 19).modules() if isinstance(m, AutoGainControl2d)]
+    assert len(layers) == 25 and {layer.window for layer in layers} == {window}
+    # runs of two sizes never share a directory (hydra.sweep.subdir is the run name)
+    assert cfg.run_name.startswith(f"segnet-agc-window{window}-synthetic-b4-")
+    OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)
+    assert run_record(tmp_path)["norm"] == f"agc-window{window}"
+    assert compose(["norm=agc"]).run_name.startswith("segnet-agc-synthetic-")

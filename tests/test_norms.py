@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from deepcontrol.nn import NORMS, AutoGainControl2d, ChannelBias, ConvNormReLU, make_norm
+from deepcontrol.nn import (
+    NORMS,
+    AutoGainControl2d,
+    ChannelBias,
+    ConvNormReLU,
+    make_norm,
+    norm_factory,
+)
 
 
 @pytest.mark.parametrize(
@@ -54,3 +61,15 @@ def test_every_agc_takes_in_the_relu_after_it(norm):
     assert len(block) == 2 and block[1].relu
     assert block[1].background == {"agc": "mean", "agc-median": "median"}.get(norm, "window")
     assert (block(torch.randn(2, 3, 6, 6)) >= 0).all()
+
+
+def test_a_norm_takes_its_options_and_a_bad_one_is_named():
+    layer = make_norm(norm_factory("agc-window", window=33), 8)
+    assert layer.background == "window" and layer.window == 33
+    assert ConvNormReLU(3, 8, norm_factory("agc-window", window=5))[1].window == 5
+    with pytest.raises(ValueError, match=r"norm=agc-window does not take norm.window=8: .*odd"):
+        norm_factory("agc-window", window=8)
+    with pytest.raises(ValueError, match=r"norm=agc does not take norm.window=9: .*'window' only"):
+        norm_factory("agc", window=9)  # the paper's mean would ignore it
+    with pytest.raises(ValueError, match=r"norm=bn does not take norm.windw=3: .*'windw'"):
+        norm_factory("bn", windw=3)

@@ -44,7 +44,7 @@ def run_record(run_dir: Path) -> dict:
     return {
         "run_name": cfg.run_name,
         "model": cfg.model.name,
-        "norm": cfg.norm.name,
+        "norm": OmegaConf.select(cfg, "norm.label", default=cfg.norm.name),
         "data": cfg.data.name,
         "batch_size": cfg.data.batch_size,
         "lr": cfg.optim.lr,

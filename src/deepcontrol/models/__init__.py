@@ -9,11 +9,14 @@ from torch import nn
 
 from deepcontrol.models.classnet import ClassNet
 from deepcontrol.models.segnet import SegNet
+from deepcontrol.nn import NormFactory, norm_factory
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"segnet": SegNet, "classnet": ClassNet}
 
 # model.* keys that are not arguments of the network.
 NOT_ARGUMENTS = ("name", "input_norm")
+# norm.* keys that are not options of the norm layer: the rest (norm.window) are.
+NOT_NORM_OPTIONS = ("name", "label", "sync")
 # Networks whose second output is a contour map, trained against contour targets.
 WITH_CONTOURS = ("classnet",)
 
@@ -28,12 +31,19 @@ def model_outputs_contours(cfg: DictConfig) -> bool:
     return cfg.model.name in WITH_CONTOURS
 
 
+def build_norm(norm_cfg: DictConfig) -> NormFactory:
+    """The norm ``norm.name`` with the other ``norm.*`` keys as its options (not ``sync``,
+    which DDP reads, nor ``label``, which names runs)."""
+    options = {k: v for k, v in norm_cfg.items() if k not in NOT_NORM_OPTIONS}
+    return norm_factory(norm_cfg.name, **options)
+
+
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
-    """The network ``cfg.model.name`` with the norm ``cfg.norm.name`` after every conv; the
+    """The network ``cfg.model.name`` with the norm of ``cfg.norm`` after every conv; the
     other ``model.*`` keys (but ``input_norm``, which the data reads) are its arguments."""
     _check(cfg.model.name)
     kwargs = {k: v for k, v in cfg.model.items() if k not in NOT_ARGUMENTS}
-    return MODELS[cfg.model.name](num_classes=num_classes, norm=cfg.norm.name, **kwargs)
+    return MODELS[cfg.model.name](num_classes=num_classes, norm=build_norm(cfg.norm), **kwargs)
 
 
-__all__ = ["MODELS", "ClassNet", "SegNet", "build_model", "model_outputs_contours"]
+__all__ = ["MODELS", "ClassNet", "SegNet", "build_model", "build_norm", "model_outputs_contours"]

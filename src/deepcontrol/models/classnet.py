@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepcontrol.models.init import initialize
-from deepcontrol.nn import ConvNormReLU
+from deepcontrol.nn import ConvNormReLU, NormFactory
 
 MAX_WIDTH = 256  # "deeper and narrower (up to 256 filters)"
 CONTOUR_CHANNELS = 10  # decoder width = NumClasses + 10: the lateral contour path's share
@@ -21,7 +21,7 @@ class ProjectedConv(nn.Sequential):
     """A 3×3 conv followed by its 1×1×depth projection ("to support separate lateral
     inhibition"), each with norm and ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str | NormFactory) -> None:
         super().__init__(
             ConvNormReLU(in_channels, out_channels, norm, 3),
             ConvNormReLU(out_channels, out_channels, norm, 1),
@@ -33,7 +33,7 @@ class EncoderBlock(nn.Module):
     concatenation of the block's input and every layer's output ("a final 1x1 projection
     concatenates all layers in a block to support multiple depths at each resolution")."""
 
-    def __init__(self, in_channels: int, width: int, layers: int, norm: str) -> None:
+    def __init__(self, in_channels: int, width: int, layers: int, norm: str | NormFactory) -> None:
         super().__init__()
         self.layers = nn.ModuleList()
         channels = in_channels
@@ -71,7 +71,7 @@ class ClassNet(nn.Module):
     def __init__(
         self,
         num_classes: int = 19,
-        norm: str = "bn",
+        norm: str | NormFactory = "bn",
         in_channels: int = 3,
         width: int = 32,
         blocks: int = 7,

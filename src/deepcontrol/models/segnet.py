@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepcontrol.models.init import initialize
-from deepcontrol.nn import ConvNormReLU
+from deepcontrol.nn import ConvNormReLU, NormFactory
 
 # VGG16's 13 convs in five blocks, and the mirrored decoder (SegNet-Tutorial's prototxt).
 ENCODER = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -22,8 +22,9 @@ class SegNet(nn.Module):
     """SegNet: VGG16 encoder, 2×2 max-pool with indices, mirrored max-unpool decoder.
 
     26 convs, no skip connections; every hidden conv is conv→norm→ReLU and the last is a
-    64→K conv with bias. ``norm`` picks the layer after each conv (the paper compares
-    ``bn`` with ``agc``). Inputs of any size work: unpooling is given the pre-pool size.
+    64→K conv with bias. ``norm`` picks the layer after each conv, by its name in
+    ``NORMS`` or as a ``norm_factory`` (the paper compares ``bn`` with ``agc``). Inputs
+    of any size work: unpooling is given the pre-pool size.
     ``width`` is the first block's channels (VGG16's 64, the paper's); every layer scales
     with it, so a narrow net (e.g. 8) exercises the same code in tests at 1/64 the size.
     """
@@ -31,7 +32,7 @@ class SegNet(nn.Module):
     def __init__(
         self,
         num_classes: int = 19,
-        norm: str = "bn",
+        norm: str | NormFactory = "bn",
         in_channels: int = 3,
         init: str = "he",
         width: int = 64,
@@ -52,7 +53,9 @@ class SegNet(nn.Module):
         initialize(self._convs_with_position(), init)
 
     @staticmethod
-    def _block(in_channels: int, widths: tuple[int, ...], norm: str) -> list[ConvNormReLU]:
+    def _block(
+        in_channels: int, widths: tuple[int, ...], norm: str | NormFactory
+    ) -> list[ConvNormReLU]:
         layers = []
         for out_channels in widths:
             layers.append(ConvNormReLU(in_channels, out_channels, norm))

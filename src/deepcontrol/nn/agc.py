@@ -46,9 +46,10 @@ class AutoGainControl2d(nn.Module):
     estimates of the background level the paper names for future work instead, ``"median"``
     (over the map's positions; the lower middle value of an even count, as torch.median)
     and ``"window"``, the mean over a ``window`` × ``window`` neighbourhood of each position
-    (over the positions inside the map, at its edges). Those two run the reference only,
-    and the median's gradient is taken as the mean's. On CamVid at the paper's lr the window
-    trained 11 points behind the mean and the median diverged (results/camvid-cpu-small).
+    (9 unless given; over the positions inside the map, at its edges). Those two run the
+    reference only, and the median's gradient is taken as the mean's. On CamVid at the
+    paper's lr the 9×9 window trained 11 points behind the mean and the median diverged
+    (results/camvid-cpu-small).
     """
 
     def __init__(
@@ -58,15 +59,19 @@ class AutoGainControl2d(nn.Module):
         relu: bool = False,
         kernels: str = "auto",
         background: str = "mean",
-        window: int = 9,
+        window: int | None = None,
     ) -> None:
         super().__init__()
         if background not in BACKGROUNDS:
             raise ValueError(
                 f"AGC background must be one of {', '.join(BACKGROUNDS)}, got {background!r}"
             )
-        if background == "window" and (window < 1 or window % 2 == 0):
-            raise ValueError(f"AGC window must be a positive odd size, got {window}")
+        if background != "window" and window is not None:
+            raise ValueError(f"AGC window applies to background='window' only, not {background!r}")
+        if background == "window":
+            window = 9 if window is None else window
+            if type(window) is not int or window < 1 or window % 2 == 0:
+                raise ValueError(f"AGC window must be a positive odd size, got {window!r}")
         self.num_channels = num_channels
         self.mean_scale_init = mean_scale_init
         self.relu = relu

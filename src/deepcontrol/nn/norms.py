@@ -28,6 +28,8 @@ def _group_norm(num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, num_channels), num_channels)
 
 
+NormFactory = Callable[[int], nn.Module]  # a norm layer for a number of channels
+
 NORMS: dict[str, Callable[..., nn.Module]] = {
     "bn": nn.BatchNorm2d,
     "agc": AutoGainControl2d,
@@ -40,11 +42,27 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def make_norm(name: str, num_channels: int) -> nn.Module:
-    """The norm layer ``name`` (one of ``NORMS``) for ``num_channels`` channels."""
+def norm_factory(name: str, **options: object) -> NormFactory:
+    """The norm ``name`` (one of ``NORMS``) with ``options`` as its keyword arguments (e.g.
+    ``window=17`` for ``agc-window``), tried on one layer now, so that an option the layer
+    does not take is named before a network is built."""
     if name not in NORMS:
         raise ValueError(f"unknown norm {name!r}: choose one of {', '.join(sorted(NORMS))}")
-    return NORMS[name](num_channels)
+    if not options:
+        return NORMS[name]
+    factory = partial(NORMS[name], **options)
+    try:
+        factory(1)
+    except (TypeError, ValueError) as error:
+        given = ", ".join(f"norm.{key}={value!r}" for key, value in options.items())
+        raise ValueError(f"norm={name} does not take {given}: {error}") from error
+    return factory
+
+
+def make_norm(norm: str | NormFactory, num_channels: int) -> nn.Module:
+    """The norm layer for ``num_channels`` channels: ``norm`` names one of ``NORMS`` or is a
+    :func:`norm_factory`."""
+    return (norm_factory(norm) if isinstance(norm, str) else norm)(num_channels)
 
 
 class ConvNormReLU(nn.Sequential):
@@ -52,7 +70,9 @@ class ConvNormReLU(nn.Sequential):
     the norm layer, which then runs fused on CUDA (``deepcontrol.nn.fused_agc``); the
     parameters keep the same names either way (conv ``0``, norm ``1``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str, kernel: int = 3) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str | NormFactory, kernel: int = 3
+    ) -> None:
         conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
         layer = make_norm(norm, out_channels)
         if isinstance(layer, AutoGainControl2d):
