@@ -73,8 +73,8 @@ test: $(SETUP)
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
 lint: $(SETUP)
-	$(PY) -m ruff check src tests scripts notebooks
-	$(PY) -m ruff format --check src tests scripts notebooks
+	$(PY) -m ruff check src tests scripts notebooks results
+	$(PY) -m ruff format --check src tests scripts notebooks results
 
 clean:
 	rm -rf outputs cache data/synthetic-cityscapes .pytest_cache

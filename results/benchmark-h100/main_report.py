@@ -31,16 +31,27 @@ report["targets"] = targets(report)
 report["figure1_cost"] = [c for p in cfg.precisions if (c := figure1_cost(report, p))]
 with tempfile.TemporaryDirectory() as temporary:  # write_report names its files benchmark.*
     out = Path(temporary)
-    write_report(report, out, "make bench PY=python3 BENCH_OUT=results "
-                 'BENCH_ARGS="--time-limit 360", stopped by `timeout 420` (results/benchmark-h100)')
+    write_report(
+        report,
+        out,
+        "make bench PY=python3 BENCH_OUT=results "
+        'BENCH_ARGS="--time-limit 360", stopped by `timeout 420` (results/benchmark-h100)',
+    )
     text = (out / "benchmark.md").read_text()
     (HERE / "report-f57f8cf.json").write_text((out / "benchmark.json").read_text())
 why = "Not measured, the time limit (360.0 s) having passed: "
 ending = "Running the same command again goes on from here."
 assert why in text and ending in text
-text = text.replace(why, "Not measured, `timeout 420` having stopped the run in the "
-                    "CUDA-graphed training-loop check (the last measurement started before "
-                    "the 360 s limit): ")
-(HERE / "report-f57f8cf.md").write_text(text.replace(
-    ending, "The code has changed since (results/benchmark-h100/README.md), so running the "
-    "command again measures afresh."))
+text = text.replace(
+    why,
+    "Not measured, `timeout 420` having stopped the run in the "
+    "CUDA-graphed training-loop check (the last measurement started before "
+    "the 360 s limit): ",
+)
+(HERE / "report-f57f8cf.md").write_text(
+    text.replace(
+        ending,
+        "The code has changed since (results/benchmark-h100/README.md), so running the "
+        "command again measures afresh.",
+    )
+)
