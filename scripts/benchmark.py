@@ -1,10 +1,12 @@
 """Benchmark SegNet's training step per norm, batch, precision and mode (``make bench``).
 
 python scripts/benchmark.py [--out DIR] [--reduced] [--precisions ...] [--modes ...]
-    On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-naive/none, bf16 and fp32
-    in eager mode; compiled and CUDA-graphed (bn/agc/none) at batches 1, 4 and 8 (20 s
-    to a minute of compiling each); ClassNet (bn/agc) at batch 4, where Figure 1 trains it;
-    the validation forward as training runs it (batch 16, eval mode); the largest batch
+                            [--norms ...]
+    On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-naive/none (--norms for
+    others: gn, in, agc-window, agc-median), bf16 and fp32 in eager mode; compiled and
+    CUDA-graphed (bn/agc/none) at batches 1, 4 and 8 (20 s to a minute of compiling each);
+    ClassNet (bn/agc) at batch 4, where Figure 1 trains it; the validation forward as
+    training runs it (batch 16, eval mode); the largest batch
     under 12 GiB; the training loop, validation included, against the bare step (eager at
     batch 8, CUDA-graphed at batch 1); the issue's targets and Figure 1's GPU-hours.
     Without a GPU (or with --reduced) a small grid on the CPU. Writes OUT/benchmark.md and
@@ -27,12 +29,14 @@ from pathlib import Path
 import torch
 
 from deepcontrol.benchmark import (
+    AGC_KERNELS,
     Config,
     Setting,
     profile_step,
     run_benchmark,
     write_report,
 )
+from deepcontrol.nn import NORMS
 
 GPU_OUT = Path("results")
 # The reduced grid checks that the code runs; its numbers are no result, and written to
@@ -50,6 +54,15 @@ def main() -> None:
     parser.add_argument("--reduced", action="store_true", help="the small CPU grid")
     parser.add_argument("--precisions", nargs="+", help="a subset, e.g. bf16 (to split a run)")
     parser.add_argument("--modes", nargs="+", help="a subset of eager compile cudagraphs")
+    parser.add_argument(
+        "--norms",
+        nargs="+",
+        choices=sorted({*NORMS, *AGC_KERNELS}),
+        metavar="NORM",
+        help="the norms timed in eager mode (compiled modes time bn, agc and none), e.g. "
+        "bn agc gn agc-window, with --out elsewhere than the report of the default grid; "
+        "each one of %(choices)s",
+    )
     parser.add_argument("--no-cap", action="store_true", help="skip the memory-cap search")
     parser.add_argument("--fresh", action="store_true", help="ignore an unfinished saved run")
     parser.add_argument(
@@ -72,6 +85,8 @@ def main() -> None:
         cfg.precisions = tuple(args.precisions)
     if args.modes:
         cfg.modes = tuple(args.modes)
+    if args.norms:
+        cfg.norms = tuple(args.norms)
     if args.no_cap:
         cfg.memory_cap_gib = None
     cfg.time_limit_s = args.time_limit

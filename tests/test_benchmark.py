@@ -53,6 +53,16 @@ def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown \(.*\)", environment["code"])
 
 
+def test_the_norms_beyond_the_paper_are_timed_when_asked(tmp_path):
+    norms = ("gn", "in", "agc-window", "agc-median")
+    report = run_benchmark(cpu_config(norms=norms), torch.device("cpu"))
+    assert [(r["norm"], r["error"]) for r in report["steps"]] == [(n, "") for n in norms]
+    command = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--norms", "bn", "ln"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "--norms: invalid choice: 'ln'" in done.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's reduced grid")
 def test_the_reduced_grid_never_writes_into_results(tmp_path):
     # make bench on a laptop used to replace the GPU report committed in results/
