@@ -47,4 +47,21 @@ def test_the_window_size_reaches_every_layer_the_run_name_and_the_record(
     assert cfg.run_name.startswith(f"segnet-agc-window{window}-synthetic-b4-")
     OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)
     assert run_record(tmp_path)["norm"] == f"agc-window{window}"
-    assert compose(["norm=agc"]).run_name.startswith("segnet-agc-synthetic-")
+
+
+@pytest.mark.parametrize("norm", ["bn", "agc", "agc-median", "gn", "in", "none"])
+def test_a_norm_without_options_is_named_by_its_name(norm):
+    # the names every run directory so far was made under: a change would orphan them
+    assert compose([f"norm={norm}"]).run_name.startswith(f"segnet-{norm}-synthetic-b4-")
+    assert compose([f"norm={norm}", "norm.sync=true"]).run_name.startswith(f"segnet-{norm}-")
+
+
+def test_an_option_given_on_the_command_line_names_the_run(tmp_path):
+    cfg = compose(["norm=agc", "model.width=8", "+norm.mean_scale_init=0"])
+    layers = [m for m in build_model(cfg, 19).modules() if isinstance(m, AutoGainControl2d)]
+    assert {layer.mean_scale.abs().max().item() for layer in layers} == {0.0}
+    # so a sweep over the option never puts two settings in one directory
+    assert cfg.run_name.startswith("segnet-agc-mean_scale_init0-synthetic-b4-")
+    assert compose(["norm=agc", "+norm.mean_scale_init=1"]).run_name != cfg.run_name
+    OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)
+    assert run_record(tmp_path)["norm"] == "agc-mean_scale_init0"

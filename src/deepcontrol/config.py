@@ -1,4 +1,5 @@
-"""Config plumbing: the configs/ folder, the ``mul`` resolver, and composing without Hydra's CLI."""
+"""Config plumbing: the configs/ folder, the ``mul`` and ``norm_label`` resolvers, and
+composing without Hydra's CLI."""
 
 from __future__ import annotations
 
@@ -16,7 +17,27 @@ def _mul(a: float, b: float) -> float:
     return round(float(a) * float(b), 10)
 
 
+# norm.* keys that are not options of the norm layer: the rest (norm.window) are.
+NOT_NORM_OPTIONS = ("name", "label", "sync")
+
+
+def norm_options(norm: DictConfig) -> dict:
+    """The ``norm.*`` keys that are the norm layer's keyword arguments (``norm.window``)."""
+    return {key: value for key, value in norm.items() if key not in NOT_NORM_OPTIONS}
+
+
+def norm_label(norm: DictConfig) -> str:
+    """What names a run's norm, in ``run_name`` and in results: ``norm.label`` where the norm
+    sets one (``agc-window9``), else its name and then every option it is given
+    (``norm=agc +norm.mean_scale_init=0`` is ``agc-mean_scale_init0``), so that runs of
+    other options never share a run directory."""
+    if norm.get("label") is not None:
+        return str(norm.label)
+    return "-".join([norm.name, *(f"{key}{value}" for key, value in norm_options(norm).items())])
+
+
 OmegaConf.register_new_resolver("mul", _mul, replace=True)
+OmegaConf.register_new_resolver("norm_label", norm_label, replace=True)
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:

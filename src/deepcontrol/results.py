@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from deepcontrol.atomic import write_atomic
+from deepcontrol.config import norm_label
 from deepcontrol.logging import read_json
 
 
@@ -44,7 +45,7 @@ def run_record(run_dir: Path) -> dict:
     return {
         "run_name": cfg.run_name,
         "model": cfg.model.name,
-        "norm": OmegaConf.select(cfg, "norm.label", default=cfg.norm.name),
+        "norm": norm_label(cfg.norm),
         "data": cfg.data.name,
         "batch_size": cfg.data.batch_size,
         "lr": cfg.optim.lr,

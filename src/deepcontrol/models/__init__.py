@@ -7,6 +7,7 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 from torch import nn
 
+from deepcontrol.config import norm_options
 from deepcontrol.models.classnet import ClassNet
 from deepcontrol.models.segnet import SegNet
 from deepcontrol.nn import NormFactory, norm_factory
@@ -15,8 +16,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"segnet": SegNet, "classnet": Cla
 
 # model.* keys that are not arguments of the network.
 NOT_ARGUMENTS = ("name", "input_norm")
-# norm.* keys that are not options of the norm layer: the rest (norm.window) are.
-NOT_NORM_OPTIONS = ("name", "label", "sync")
 # Networks whose second output is a contour map, trained against contour targets.
 WITH_CONTOURS = ("classnet",)
 
@@ -34,8 +33,7 @@ def model_outputs_contours(cfg: DictConfig) -> bool:
 def build_norm(norm_cfg: DictConfig) -> NormFactory:
     """The norm ``norm.name`` with the other ``norm.*`` keys as its options (not ``sync``,
     which DDP reads, nor ``label``, which names runs)."""
-    options = {k: v for k, v in norm_cfg.items() if k not in NOT_NORM_OPTIONS}
-    return norm_factory(norm_cfg.name, **options)
+    return norm_factory(norm_cfg.name, **norm_options(norm_cfg))
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
