@@ -65,3 +65,9 @@ def test_an_option_given_on_the_command_line_names_the_run(tmp_path):
     assert compose(["norm=agc", "+norm.mean_scale_init=1"]).run_name != cfg.run_name
     OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)
     assert run_record(tmp_path)["norm"] == "agc-mean_scale_init0"
+
+
+def test_lambdas_lr_multiplier_names_the_run_only_where_it_is_not_the_papers():
+    assert "-lr0.08-s0-" in compose(["norm=agc"]).run_name  # every run so far: unchanged
+    cfg = compose(["norm=agc", "optim.mean_scale_lr_mult=20"])
+    assert cfg.run_name == "segnet-agc-synthetic-b4-lr0.08-mean_scale_lr_mult20-s0-e150"

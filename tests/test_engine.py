@@ -113,3 +113,46 @@ def test_training_sgd_is_the_papers_update_fused():
             optimizer.step()
     for got, want in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_lambdas_lr_multiplier_reaches_lambda_alone():
+    """``optim.mean_scale_lr_mult`` trains every AGC λ at lr × mult and the rest at lr: the
+    step is plain SGD's with those two groups; 0 holds λ at its start; a net without AGC
+    refuses it, rather than training as if it were not given."""
+    from deepcontrol.nn import AutoGainControl2d
+    from deepcontrol.train import build_optimizer
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        agc = [AutoGainControl2d(4, relu=True), AutoGainControl2d(4, relu=True)]
+        # no conv bias: at λ = 1 the mean's subtraction removes it, and its gradient is 0
+        convs = [nn.Conv2d(3, 4, 3, bias=False), nn.Conv2d(4, 4, 3, bias=False)]
+        return nn.Sequential(convs[0], agc[0], convs[1], agc[1])
+
+    x = torch.randn(2, 3, 8, 8)
+    models = [net(), net(), net()]
+    lambdas = [[m.mean_scale for m in net if isinstance(m, AutoGainControl2d)] for net in models]
+    rest = [[p for p in model.parameters() if all(p is not q for q in ls)]
+            for model, ls in zip(models, lambdas, strict=True)]  # fmt: skip
+    plain = torch.optim.SGD(
+        [{"params": rest[1]}, {"params": lambdas[1], "lr": 2.0}], lr=0.1, momentum=0.9
+    )
+    optimizers = [
+        build_optimizer(compose(["optim.lr=0.1", "optim.mean_scale_lr_mult=20"]).optim, models[0]),
+        plain,
+        build_optimizer(compose(["optim.lr=0.1", "optim.mean_scale_lr_mult=0"]).optim, models[2]),
+    ]
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for got, want in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert all(float((lam.detach() - 1).abs().max()) > 1e-4 for lam in lambdas[0])  # moved
+    assert all(torch.equal(lam.detach(), torch.ones(4)) for lam in lambdas[2])
+    start = dict(net().named_parameters())
+    moved = {name for name, p in models[2].named_parameters() if not torch.equal(p, start[name])}
+    assert moved == {name for name in start if not name.endswith("mean_scale")}
+    with pytest.raises(ValueError, match=r"mean_scale_lr_mult=20 .* no AGC layer"):
+        build_optimizer(compose(["optim.mean_scale_lr_mult=20"]).optim, nn.Conv2d(3, 4, 3))

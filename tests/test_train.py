@@ -281,7 +281,8 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
 @pytest.mark.parametrize(
     ("override", "message"),
     [("train.precision=fp16", "train.precision must be 'fp32' or 'bf16', got 'fp16'"),
-     ("epochs=0", "epochs must be a positive integer, got 0")],
+     ("epochs=0", "epochs must be a positive integer, got 0"),
+     ("optim.mean_scale_lr_mult=-1", "optim.mean_scale_lr_mult must be a number >= 0, got -1")],
 )  # fmt: skip
 def test_a_bad_setting_read_late_is_refused_before_the_run_directory(
     synthetic_root, cache, tmp_path, override, message

@@ -1,5 +1,5 @@
-"""Config plumbing: the configs/ folder, the ``mul`` and ``norm_label`` resolvers, and
-composing without Hydra's CLI."""
+"""Config plumbing: the configs/ folder, the ``mul``, ``norm_label`` and ``lr_label``
+resolvers, and composing without Hydra's CLI."""
 
 from __future__ import annotations
 
@@ -36,8 +36,16 @@ def norm_label(norm: DictConfig) -> str:
     return "-".join([norm.name, *(f"{key}{value}" for key, value in norm_options(norm).items())])
 
 
+def lr_label(optim: DictConfig) -> str:
+    """What names a run's learning rate in ``run_name``: ``lr0.08``, then λ's multiplier
+    where it is not the paper's 1 (``lr0.08-mean_scale_lr_mult20``)."""
+    mult = optim.mean_scale_lr_mult
+    return f"lr{optim.lr}" + ("" if mult == 1 else f"-mean_scale_lr_mult{mult}")
+
+
 OmegaConf.register_new_resolver("mul", _mul, replace=True)
 OmegaConf.register_new_resolver("norm_label", norm_label, replace=True)
+OmegaConf.register_new_resolver("lr_label", lr_label, replace=True)
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:

@@ -62,21 +62,52 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_mean_scale_lr_mult(mult: float) -> float:
+    """``optim.mean_scale_lr_mult``: a finite number, 0 or more (0 holds λ at its start)."""
+    if isinstance(mult, bool) or not isinstance(mult, int | float) or not 0 <= mult < math.inf:
+        raise ValueError(f"optim.mean_scale_lr_mult must be a number >= 0, got {mult!r}")
+    return float(mult)
+
+
 def sgd(
-    model: torch.nn.Module, lr: float, momentum: float, weight_decay: float = 0.0
+    model: torch.nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float = 0.0,
+    mean_scale_lr_mult: float = 1.0,
 ) -> torch.optim.SGD:
     """SGD with momentum as training runs it: fused, one pass over the parameters, their
-    gradients and momenta per step, where PyTorch's default takes three."""
-    return torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True
-    )
+    gradients and momenta per step, where PyTorch's default takes three.
+
+    ``mean_scale_lr_mult`` scales the lr of AGC's λ (every ``mean_scale``), to study λ
+    beyond the paper, which trains all parameters at one lr (1, the default)."""
+    mult = check_mean_scale_lr_mult(mean_scale_lr_mult)
+    if mult == 1:
+        groups = [{"params": list(model.parameters())}]
+    else:
+        named = list(model.named_parameters())
+        mean_scales = [p for name, p in named if name.rsplit(".", 1)[-1] == "mean_scale"]
+        if not mean_scales:
+            raise ValueError(
+                f"optim.mean_scale_lr_mult={mean_scale_lr_mult} scales the lr of AGC's λ, "
+                "but the model has no AGC layer (norm=agc or a variant)"
+            )
+        rest = [p for name, p in named if name.rsplit(".", 1)[-1] != "mean_scale"]
+        groups = [{"params": rest}, {"params": mean_scales, "lr": lr * mult}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
 
 
 def build_optimizer(optim_cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum at a fixed learning rate (§3); the lr is already resolved."""
     if optim_cfg.name != "sgd":
         raise ValueError(f"unknown optim.name {optim_cfg.name!r}: choose sgd")
-    return sgd(model, optim_cfg.lr, optim_cfg.momentum, optim_cfg.weight_decay)
+    return sgd(
+        model,
+        optim_cfg.lr,
+        optim_cfg.momentum,
+        optim_cfg.weight_decay,
+        optim_cfg.mean_scale_lr_mult,
+    )
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -206,6 +237,7 @@ def check_settings(cfg: DictConfig) -> None:
     if not isinstance(cfg.epochs, int) or isinstance(cfg.epochs, bool) or cfg.epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {cfg.epochs!r}")
     check_precision(cfg.train.precision)
+    check_mean_scale_lr_mult(cfg.optim.mean_scale_lr_mult)
 
 
 def check_same_run(run_dir: Path, resolved: dict) -> None:
