@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_config, tiny_overrides
+from omegaconf import OmegaConf
 
 from deepcontrol.logging import RunLogger
 from deepcontrol.losses import pixel_cross_entropy
@@ -170,6 +171,12 @@ def test_finished_run_is_not_trained_again(synthetic_root, cache, tmp_path):
     first = train(cfg, tmp_path)
     before = (tmp_path / "metrics.csv").read_text()
     assert train(cfg, tmp_path) == json.loads((tmp_path / "summary.json").read_text()) == first
+    assert (tmp_path / "metrics.csv").read_text() == before
+    # nor is one made before optim.mean_scale_lr_mult existed: it ran at the default, 1
+    saved = OmegaConf.load(tmp_path / "config.yaml")
+    del saved.optim["mean_scale_lr_mult"]
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    assert train(cfg, tmp_path) == first
     assert (tmp_path / "metrics.csv").read_text() == before
 
 

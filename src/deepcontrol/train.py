@@ -187,6 +187,10 @@ RESUMABLE_CHANGES = (
     "train.cudnn_benchmark",
 )
 
+# Settings added since runs were first made, with the value every earlier run had: a saved
+# config.yaml without one reads as having it, so those runs are still resumed and skipped.
+ADDED_SETTINGS = {"optim.mean_scale_lr_mult": 1.0}
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -249,7 +253,7 @@ def check_same_run(run_dir: Path, resolved: dict) -> None:
         return
     if not (run_dir / "last.pt").is_file() and not (run_dir / "summary.json").is_file():
         return
-    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))
+    saved = {**ADDED_SETTINGS, **_flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))}
     wanted = _flatten(resolved)
     differ = {
         key: (saved.get(key), wanted.get(key))
