@@ -94,6 +94,17 @@ def test_unknown_precision_is_a_clear_error():
         autocast(torch.device("cpu"), "fp16")
 
 
+def step_each_and_compare_first_two(models, optimizers, x: torch.Tensor, steps: int = 3) -> None:
+    """``steps`` SGD steps of each model on one loss; the first two end with equal weights."""
+    for _ in range(steps):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for got, want in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_training_sgd_is_the_papers_update_fused():
     """Momentum 0.9, no weight decay, fixed lr (§3), fused: the parameters after a few steps
     are those of PyTorch's plain SGD loop."""
@@ -106,13 +117,7 @@ def test_training_sgd_is_the_papers_update_fused():
     optimizers = [build_optimizer(compose(["optim.lr=0.1"]).optim, models[0]), plain]
     assert optimizers[0].defaults["fused"] and optimizers[0].defaults["weight_decay"] == 0
     x = torch.randn(2, 3, 8, 8)
-    for _ in range(3):
-        for model, optimizer in zip(models, optimizers, strict=True):
-            optimizer.zero_grad()
-            model(x).square().mean().backward()
-            optimizer.step()
-    for got, want in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    step_each_and_compare_first_two(models, optimizers, x)
 
 
 def test_lambdas_lr_multiplier_reaches_lambda_alone():
@@ -131,7 +136,7 @@ def test_lambdas_lr_multiplier_reaches_lambda_alone():
 
     x = torch.randn(2, 3, 8, 8)
     models = [net(), net(), net()]
-    lambdas = [[m.mean_scale for m in net if isinstance(m, AutoGainControl2d)] for net in models]
+    lambdas = [[m.mean_scale for m in mod if isinstance(m, AutoGainControl2d)] for mod in models]
     rest = [[p for p in model.parameters() if all(p is not q for q in ls)]
             for model, ls in zip(models, lambdas, strict=True)]  # fmt: skip
     plain = torch.optim.SGD(
@@ -142,13 +147,7 @@ def test_lambdas_lr_multiplier_reaches_lambda_alone():
         plain,
         build_optimizer(compose(["optim.lr=0.1", "optim.mean_scale_lr_mult=0"]).optim, models[2]),
     ]
-    for _ in range(3):
-        for model, optimizer in zip(models, optimizers, strict=True):
-            optimizer.zero_grad()
-            model(x).square().mean().backward()
-            optimizer.step()
-    for got, want in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    step_each_and_compare_first_two(models, optimizers, x)
     assert all(float((lam.detach() - 1).abs().max()) > 1e-4 for lam in lambdas[0])  # moved
     assert all(torch.equal(lam.detach(), torch.ones(4)) for lam in lambdas[2])
     start = dict(net().named_parameters())
