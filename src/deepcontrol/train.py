@@ -45,7 +45,7 @@ from deepcontrol.locks import exclusive_lock
 from deepcontrol.logging import RunLogger, read_json
 from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import build_model, model_outputs_contours
-from deepcontrol.nn import agc_mean_scales
+from deepcontrol.nn import agc_mean_scales, mean_scale_parameters
 
 log = logging.getLogger("deepcontrol")
 
@@ -81,19 +81,17 @@ def sgd(
 
     ``mean_scale_lr_mult`` scales the lr of AGC's λ (every ``mean_scale``), to study λ
     beyond the paper, which trains all parameters at one lr (1, the default)."""
-    mult = check_mean_scale_lr_mult(mean_scale_lr_mult)
-    if mult == 1:
-        groups = [{"params": list(model.parameters())}]
-    else:
-        named = list(model.named_parameters())
-        mean_scales = [p for name, p in named if name.rsplit(".", 1)[-1] == "mean_scale"]
-        if not mean_scales:
+    groups = [{"params": list(model.parameters())}]
+    if check_mean_scale_lr_mult(mean_scale_lr_mult) != 1:
+        lambdas = mean_scale_parameters(model)
+        if not lambdas:
             raise ValueError(
                 f"optim.mean_scale_lr_mult={mean_scale_lr_mult} scales the lr of AGC's λ, "
                 "but the model has no AGC layer (norm=agc or a variant)"
             )
-        rest = [p for name, p in named if name.rsplit(".", 1)[-1] != "mean_scale"]
-        groups = [{"params": rest}, {"params": mean_scales, "lr": lr * mult}]
+        is_lambda = {id(p) for p in lambdas}
+        rest = [p for p in groups[0]["params"] if id(p) not in is_lambda]
+        groups = [{"params": rest}, {"params": lambdas, "lr": lr * mean_scale_lr_mult}]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
 
 

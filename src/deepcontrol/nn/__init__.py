@@ -1,6 +1,11 @@
 """Normalisation layers: the paper's AGC and the norms it is compared with."""
 
-from deepcontrol.nn.agc import AutoGainControl2d, agc_mean_scales, use_agc_kernels
+from deepcontrol.nn.agc import (
+    AutoGainControl2d,
+    agc_mean_scales,
+    mean_scale_parameters,
+    use_agc_kernels,
+)
 from deepcontrol.nn.fused_agc import agc_relu
 from deepcontrol.nn.norms import (
     NORMS,
@@ -20,6 +25,7 @@ __all__ = [
     "agc_mean_scales",
     "agc_relu",
     "make_norm",
+    "mean_scale_parameters",
     "norm_factory",
     "use_agc_kernels",
 ]

@@ -129,16 +129,17 @@ class AutoGainControl2d(nn.Module):
         return f"{self.num_channels}, mean_scale_init={self.mean_scale_init}{relu}{background}"
 
 
+def mean_scale_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """λ (``mean_scale``) of every AGC layer, in forward order."""
+    return [m.mean_scale for m in model.modules() if isinstance(m, AutoGainControl2d)]
+
+
 def agc_mean_scales(model: nn.Module) -> list[float]:
     """Mean λ over channels of every AGC layer, in forward order.
 
     The paper reports λ ranging over 0..2 with depth and asks for it graphed per layer.
     """
-    return [
-        float(m.mean_scale.detach().float().mean())
-        for m in model.modules()
-        if isinstance(m, AutoGainControl2d)
-    ]
+    return [float(lam.detach().float().mean()) for lam in mean_scale_parameters(model)]
 
 
 def use_agc_kernels(model: nn.Module, kernels: str) -> nn.Module:
