@@ -262,8 +262,10 @@ def check_same_run(run_dir: Path, resolved: dict) -> None:
     if differ:
         raise ValueError(
             f"{saved_path}: this directory holds a run with other settings (saved, now: "
-            f"{differ}); choose another output directory (hydra.run.dir=...) or start over "
-            "with train.resume=false"
+            f"{differ}); choose another output directory (hydra.run.dir=..., or "
+            "hydra.sweep.dir=... in a sweep: run names carry the model, norm, dataset, batch, "
+            "lr, seed and epochs, so a sweep over any other setting needs one sweep directory "
+            "per value) or start over with train.resume=false"
         )
 
 
