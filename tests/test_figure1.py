@@ -30,7 +30,7 @@ from deepcontrol.results import (
     run_record,
     write_runs_csv,
 )
-from deepcontrol.sweeps import experiment_jobs
+from deepcontrol.sweeps import distinct_runs, experiment_jobs, sweep_jobs
 
 EXPECTED_RUNS = {  # (model, norm, batch, lr) of Figure 1's panels, from the paper's caption
     "a": {("segnet", "bn", 1, 0.02), ("segnet", "bn", 4, 0.08), ("segnet", "bn", 8, 0.16)},
@@ -79,6 +79,29 @@ def test_command_line_overrides_reach_every_panel_run():
 def hydra_config(*overrides):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_a_sweep_keeps_one_job_per_run_and_refuses_two_settings_in_one_directory():
+    def load(job):
+        return hydra_config(*job)
+
+    assert distinct_runs(sweep_jobs(["seed=0,1"]), load) == [["seed=0"], ["seed=1"]]
+    assert distinct_runs(sweep_jobs(["seed=0,0"]), load) == [["seed=0"]]
+    # the init is not in the run name, so both inits would train into one directory
+    with pytest.raises(ValueError, match=r"segnet-bn-synthetic-b4-lr0.08-s0-e150: two runs of "
+                       r"this sweep would share .*'model.init': \('he', 'identity'\)"):  # fmt: skip
+        distinct_runs(sweep_jobs(["model.init=he,identity"]), load)
+
+
+def test_a_colliding_sweep_is_refused_before_any_run(synthetic_root, tmp_path):
+    command = [
+        sys.executable, "-m", "deepcontrol.train", "-m", "model.init=he,identity",
+        *tiny_overrides(synthetic_root, tmp_path / "cache"), "epochs=1",
+        "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "two runs of this sweep would share" in result.stderr
+    assert not (tmp_path / "sweep").exists()  # nothing trained, nothing written
 
 
 def test_cluster_and_pool_launchers_compose():

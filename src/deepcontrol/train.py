@@ -233,6 +233,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def differing_settings(a: dict, b: dict) -> dict[str, tuple]:
+    """The keys of two resolved configs whose values differ, each with (value in ``a``,
+    value in ``b``), leaving out those that may change without changing the run
+    (``RESUMABLE_CHANGES``)."""
+    a, b = _flatten(a), _flatten(b)
+    return {
+        key: (a.get(key), b.get(key))
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key) != b.get(key)
+        and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+    }
+
+
 def check_settings(cfg: DictConfig) -> None:
     """The settings that training reads only once it has started, checked before the run's
     directory is touched, so that a run refused for them leaves no config.yaml there."""
@@ -252,13 +265,7 @@ def check_same_run(run_dir: Path, resolved: dict) -> None:
     if not (run_dir / "last.pt").is_file() and not (run_dir / "summary.json").is_file():
         return
     saved = {**ADDED_SETTINGS, **_flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))}
-    wanted = _flatten(resolved)
-    differ = {
-        key: (saved.get(key), wanted.get(key))
-        for key in sorted(saved.keys() | wanted.keys())
-        if saved.get(key) != wanted.get(key)
-        and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
-    }
+    differ = differing_settings(saved, _flatten(resolved))
     if differ:
         raise ValueError(
             f"{saved_path}: this directory holds a run with other settings (saved, now: "

@@ -16,7 +16,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from deepcontrol.sweeps import experiment_jobs
+from deepcontrol.sweeps import distinct_runs, experiment_jobs
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +52,12 @@ class PanelsSweeper(Sweeper):
         )
 
     def distinct_jobs(self, arguments: list[str]) -> list[list[str]]:
-        """Every experiment's jobs, in order, without a second job for the same directory."""
+        """Every experiment's jobs, in order, without a second job for the same directory
+        (and refused if two of other settings would share one)."""
         assert self.config is not None and self.hydra_context is not None
-        jobs, owner = [], {}
-        for name in self.experiments:
-            for job in experiment_jobs(name, arguments):
-                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
-                run_dir = str(Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir))
-                if run_dir in owner:
-                    log.info(f"{name}: {run_dir} is already run for {owner[run_dir]}")
-                    continue
-                owner[run_dir] = name
-                jobs.append(job)
-        return jobs
+        jobs = [job for name in self.experiments for job in experiment_jobs(name, arguments)]
+        loader = self.hydra_context.config_loader
+        return distinct_runs(jobs, lambda job: loader.load_sweep_config(self.config, job))
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
