@@ -10,10 +10,10 @@ batch's mean of ``m_n``, exactly:
 
 The common part is what subtracting any constant would give, a step β also takes; the own
 part is what subtracting each sample's own mean adds. Each run's weights stay as they are
-while one epoch of its training batches passes, in the order training
-would have used next (the checkpoint's loader state), then again with SGD stepping them as
-training does. Each WHERE is a run directory, or ``init`` for seed 0's weights before
-training. From the repository root:
+while one epoch of its training batches passes, in the order training would have used next
+(the checkpoint's loader state); then again with SGD stepping them as training does; then
+with SGD stepping all but β (each AGC layer's β put back after each step). Each WHERE is a
+run directory, or ``init`` for seed 0's weights before training. From the repository root:
 
     PYTHONPATH=src python results/camvid-cpu-small/60-epochs/lambda-lr/lambda_gradient.py WHERE...
 """
@@ -57,9 +57,13 @@ def rms(t: torch.Tensor) -> float:
     return float(t.pow(2).mean().sqrt())
 
 
-def epoch_gradients(where: str, step: bool) -> tuple[str, dict, float, float]:
+HOW = ("weights held", "stepped by SGD", "stepped by SGD, β held")
+
+
+def epoch_gradients(where: str, how: str) -> tuple[str, dict, float, float]:
     """Per step and AGC layer: λ, β and γ's gradients, the common part of λ's, and the map
-    mean's spread over the batch; weights held, or stepped by SGD as training steps them."""
+    mean's spread over the batch; the weights held, stepped by SGD as training steps them,
+    or stepped with every AGC layer's β put back after each step."""
     run, label = setup(where)
     layers = [m for m in run.model.modules() if isinstance(m, AutoGainControl2d)]
     seen = {}  # each layer's (N, C) map means in the current batch, and its γ then
@@ -70,9 +74,14 @@ def epoch_gradients(where: str, step: bool) -> tuple[str, dict, float, float]:
             )
         )
     steps = {name: [[] for _ in layers] for name in ("lam", "beta", "gamma", "common", "cv")}
+    betas = [layer.bias.detach().clone() for layer in layers]
     for images, labels, contours in run.data.train:
-        if step:
+        if how != HOW[0]:
             sgd_step(run.model, run.optimizer, run.loss_fn, images, labels, contours, "fp32")
+            if how == HOW[2]:
+                with torch.no_grad():
+                    for layer, beta in zip(layers, betas, strict=True):
+                        layer.bias.copy_(beta)
         else:
             run.model.zero_grad()
             run.loss_fn(run.model(images), labels, contours).backward()
@@ -87,15 +96,14 @@ def epoch_gradients(where: str, step: bool) -> tuple[str, dict, float, float]:
                 steps[name][i].append(value)
     lam = layers[0].mean_scale
     group = next(g for g in run.optimizer.param_groups if any(p is lam for p in g["params"]))
-    how = "stepped by SGD" if step else "weights held"
     return f"{label}, {how}: {len(steps['lam'][0])} batches (batch {run.data.train.batch_size})", \
         steps, group["lr"], group["momentum"]  # fmt: skip
 
 
 print(LEGEND)
 for where in sys.argv[1:]:
-    for step in (False, True):
-        label, steps, lr, momentum = epoch_gradients(where, step)
+    for how in HOW:
+        label, steps, lr, momentum = epoch_gradients(where, how)
         print(f"{label}, λ's lr {lr}")
         print("layer  rms: λ        β        γ   CV  common/λ own/λ  sums: β    λ   own  λ's drift")
         for i in range(len(steps["lam"])):
