@@ -278,7 +278,7 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
     with pytest.raises(
         ValueError,
         match=r"config.yaml: this directory holds a run with other"
-        r".*'model.init': \('he', 'identity'\).*one sweep directory per value",
+        r".*'model.init': \('he', 'identity'\).*one hydra.sweep.dir per value",
     ):
         train(other, tmp_path)
     # logging, progress and speed settings may change between a run and its resumption

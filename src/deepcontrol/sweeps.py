@@ -36,7 +36,6 @@ def experiment_params(name: str) -> dict[str, str]:
 def experiment_jobs(name: str, overrides: list[str] | None = None) -> list[list[str]]:
     """One override list per run of experiment ``name``: ``experiment=NAME``, its sweep, then
     ``overrides`` (which win, and may sweep too; any ``experiment=`` among them is dropped)."""
-
     extra = [o for o in overrides or [] if o.split("=", 1)[0].lstrip("+~") != "experiment"]
     params = [f"{k}={v}" for k, v in experiment_params(name).items()]
     return sweep_jobs([f"experiment={name}", *params, *extra])
@@ -60,7 +59,7 @@ def distinct_runs(
     ``load`` composes a job's config, ``hydra`` node included. Two jobs of other settings in
     one directory are refused before any runs: otherwise the first trains, and the second
     is refused by ``check_same_run`` only when it starts, perhaps hours later."""
-    from deepcontrol.train import differing_settings
+    from deepcontrol.train import SWEEP_HINT, differing_settings
 
     kept, taken = [], {}
     for job in jobs:
@@ -76,8 +75,7 @@ def distinct_runs(
         if differ:
             raise ValueError(
                 f"{run_dir}: two runs of this sweep would share this directory with other "
-                f"settings ({differ}). Run names carry the model, norm, dataset, batch, lr, "
-                "seed and epochs; sweep any other setting with one hydra.sweep.dir per value"
+                f"settings ({differ}); {SWEEP_HINT}"
             )
         log.info(f"{run_dir}: already in the sweep ({' '.join(job)})")
     return kept

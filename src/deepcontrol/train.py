@@ -185,6 +185,12 @@ RESUMABLE_CHANGES = (
     "train.cudnn_benchmark",
 )
 
+# Why two runs of other settings can meet in one directory, and what to do about it
+SWEEP_HINT = (
+    "run names carry the model, norm, dataset, batch, lr, seed and epochs, so a sweep over any "
+    "other setting needs one hydra.sweep.dir per value"
+)
+
 # Settings added since runs were first made, with the value every earlier run had: a saved
 # config.yaml without one reads as having it, so those runs are still resumed and skipped.
 ADDED_SETTINGS = {"optim.mean_scale_lr_mult": 1.0}
@@ -265,14 +271,13 @@ def check_same_run(run_dir: Path, resolved: dict) -> None:
     if not (run_dir / "last.pt").is_file() and not (run_dir / "summary.json").is_file():
         return
     saved = {**ADDED_SETTINGS, **_flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))}
-    differ = differing_settings(saved, _flatten(resolved))
+    differ = differing_settings(saved, resolved)
     if differ:
         raise ValueError(
             f"{saved_path}: this directory holds a run with other settings (saved, now: "
             f"{differ}); choose another output directory (hydra.run.dir=..., or "
-            "hydra.sweep.dir=... in a sweep: run names carry the model, norm, dataset, batch, "
-            "lr, seed and epochs, so a sweep over any other setting needs one sweep directory "
-            "per value) or start over with train.resume=false"
+            f"hydra.sweep.dir=... in a sweep: {SWEEP_HINT}) or start over with "
+            "train.resume=false"
         )
 
 
