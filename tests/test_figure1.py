@@ -93,13 +93,20 @@ def test_a_sweep_keeps_one_job_per_run_and_refuses_two_settings_in_one_directory
         distinct_runs(sweep_jobs(["model.init=he,identity"]), load)
 
 
-def test_a_colliding_sweep_is_refused_before_any_run(synthetic_root, tmp_path):
+def sweep(synthetic_root: Path, tmp_path: Path, sweep_dir: Path, *overrides: str):
+    """``deepcontrol-train -m`` with ``overrides`` on the tiny synthetic data, one epoch a
+    run, into ``sweep_dir``."""
     command = [
-        sys.executable, "-m", "deepcontrol.train", "-m", "model.init=he,identity",
+        sys.executable, "-m", "deepcontrol.train", "-m", *overrides,
         *tiny_overrides(synthetic_root, tmp_path / "cache"), "epochs=1",
-        "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"hydra.sweep.dir={sweep_dir}",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_a_colliding_sweep_is_refused_before_any_run(synthetic_root, tmp_path):
+    result = sweep(synthetic_root, tmp_path, tmp_path / "sweep", "model.init=he,identity",
+                   "hydra/launcher=basic")  # fmt: skip
     assert result.returncode == 1 and "two runs of this sweep would share" in result.stderr
     assert not (tmp_path / "sweep").exists()  # nothing trained, nothing written
 
@@ -116,12 +123,8 @@ def test_cluster_and_pool_launchers_compose():
 
 
 def test_gpu_pool_gives_each_run_its_own_device(synthetic_root, tmp_path):
-    command = [
-        sys.executable, "-m", "deepcontrol.train", "-m", "experiment=fig1c",
-        *tiny_overrides(synthetic_root, tmp_path / "cache"), "epochs=1",
-        "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[3,5]", f"hydra.sweep.dir={tmp_path}",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = sweep(synthetic_root, tmp_path, tmp_path, "experiment=fig1c",
+                   "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[3,5]")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")]
     assert len(summaries) == 2 and {s["status"] for s in summaries} == {"finished"}
@@ -131,12 +134,8 @@ def test_gpu_pool_gives_each_run_its_own_device(synthetic_root, tmp_path):
 
 def test_submitit_runs_each_run_as_a_job(synthetic_root, tmp_path):
     # submitit_local pickles and runs the jobs as the slurm launcher does, without a cluster
-    command = [
-        sys.executable, "-m", "deepcontrol.train", "-m", "experiment=fig1c",
-        *tiny_overrides(synthetic_root, tmp_path / "cache"), "epochs=1",
-        "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = sweep(synthetic_root, tmp_path, tmp_path, "experiment=fig1c",
+                   "hydra/launcher=submitit_local")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")]
     assert sorted(s["status"] for s in summaries) == ["finished", "finished"]
