@@ -57,6 +57,12 @@ def rms(t: torch.Tensor) -> float:
     return float(t.pow(2).mean().sqrt())
 
 
+def coherence(g: torch.Tensor) -> float:
+    """How far an epoch's (steps, channels) gradients add up: per channel the sum of the
+    steps over the sum of their sizes, median over channels."""
+    return float((g.sum(0).abs() / g.abs().sum(0).clamp_min(1e-30)).median())
+
+
 HOW = ("weights held", "stepped by SGD", "stepped by SGD, β held")
 
 
@@ -76,15 +82,15 @@ def epoch_gradients(where: str, how: str) -> tuple[str, dict, float, float]:
     steps = {name: [[] for _ in layers] for name in ("lam", "beta", "gamma", "common", "cv")}
     betas = [layer.bias.detach().clone() for layer in layers]
     for images, labels, contours in run.data.train:
-        if how != HOW[0]:
-            sgd_step(run.model, run.optimizer, run.loss_fn, images, labels, contours, "fp32")
-            if how == HOW[2]:
-                with torch.no_grad():
-                    for layer, beta in zip(layers, betas, strict=True):
-                        layer.bias.copy_(beta)
-        else:
+        if how == HOW[0]:
             run.model.zero_grad()
             run.loss_fn(run.model(images), labels, contours).backward()
+        else:
+            sgd_step(run.model, run.optimizer, run.loss_fn, images, labels, contours, "fp32")
+        if how == HOW[2]:
+            with torch.no_grad():
+                for layer, beta in zip(layers, betas, strict=True):
+                    layer.bias.copy_(beta)
         for i, layer in enumerate(layers):
             m, gamma = seen[layer]
             g_beta = layer.bias.grad.double()
@@ -96,8 +102,8 @@ def epoch_gradients(where: str, how: str) -> tuple[str, dict, float, float]:
                 steps[name][i].append(value)
     lam = layers[0].mean_scale
     group = next(g for g in run.optimizer.param_groups if any(p is lam for p in g["params"]))
-    return f"{label}, {how}: {len(steps['lam'][0])} batches (batch {run.data.train.batch_size})", \
-        steps, group["lr"], group["momentum"]  # fmt: skip
+    label += f", {how}: {len(steps['lam'][0])} batches (batch {run.data.train.batch_size})"
+    return label, steps, group["lr"], group["momentum"]
 
 
 print(LEGEND)
@@ -109,10 +115,9 @@ for where in sys.argv[1:]:
         for i in range(len(steps["lam"])):
             lam, beta, gamma, common, cv = (torch.stack(steps[k][i]) for k in steps)
             own = lam - common
-            kept = lambda g: (g.sum(0).abs() / g.abs().sum(0).clamp_min(1e-30)).median()  # noqa: E731
             drift = lr / (1 - momentum) * lam.sum(0).abs().mean()
             print(f"{i + 1:5d}  {rms(lam):.2e} {rms(beta):.2e} {rms(gamma):.2e} "
                   f"{float(cv.median()):4.2f}  {rms(common) / rms(lam):6.2f} "
-                  f"{rms(own) / rms(lam):5.2f}  {float(kept(beta)):7.2f} {float(kept(lam)):4.2f}"
-                  f" {float(kept(own)):5.2f}  {float(drift):9.4f}")  # fmt: skip
+                  f"{rms(own) / rms(lam):5.2f}  {coherence(beta):7.2f} {coherence(lam):4.2f}"
+                  f" {coherence(own):5.2f}  {float(drift):9.4f}")  # fmt: skip
         print()
