@@ -31,9 +31,9 @@ TILE = 4096  # elements of one elementwise program's (positions × channels) til
 # The reduction's launch (scripts/tune_agc_reduction.py times others on a GPU): its tile, the
 # programs to aim for (several per streaming multiprocessor), the most chunks per (sample,
 # channel block), which its last program adds up, and its warps
-SUMS_TILE = 8192
+SUMS_TILE = 4096
 PROGRAMS = 512
-MAX_CHUNKS = 1024
+MAX_CHUNKS = 256
 SUMS_WARPS = 4
 FINISH = 64  # chunks the last program adds per load
 BLOCK_N = 16  # samples the backward's last program adds per load
