@@ -1,0 +1,65 @@
+"""Where AGC's training loop loses to its bare step, and whether BN's first eager step is slow.
+
+Run 3 (README) found the loop at 0.83 (eager, batch 8) and 0.84 (CUDA graphs, batch 1) of
+AGC's bare step, against 0.92 for BN, and BN's eager batch-1 bf16 step, the process's first
+measurement, at 12.37 ms where its fp32 step took 7.33. Not a test and no part of
+``make bench``: a one-off diagnostic for the next GPU run, kept outside ``src/`` and
+``scripts/`` so that the report's code, and with it its unfinished grid, stays the same.
+
+python results/benchmark-h100/loop_profile.py
+    1. Each of bn, none and agc's eager batch-1 bf16 step, measured twice in turn (as
+       ``make bench`` measures it): a first-measurement effect shows as a first time
+       above the second.
+    2. The training loop of bn and agc (eager at batch 8, CUDA graphs at batch 1), as
+       ``make bench`` runs it, under torch.profiler: the ops with the most host and the
+       most device time, and per training step the launches and host-device waits.
+    On a CPU: the reduced grid's sizes, eager only, to check that it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from deepcontrol.benchmark import Config, Setting, _loop_images_per_s, measure_step
+
+COUNTED = ("cudaLaunchKernel", "cudaGraphLaunch", "cudaStreamSynchronize",
+           "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMalloc")  # fmt: skip
+
+
+def first_steps(cfg: Config, device: torch.device, batch: int) -> None:
+    for repeat in (1, 2):
+        for norm in ("bn", "none", "agc"):
+            result = measure_step(Setting(norm, batch, "bf16", "eager"), cfg, device)
+            print(f"step {norm:4s} batch {batch} bf16 eager, measurement {repeat}: "
+                  f"{result.ms_per_step:.2f} ms {result.error}", flush=True)  # fmt: skip
+
+
+def profiled_loop(setting: Setting, cfg: Config, device: torch.device) -> None:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        images_per_s = _loop_images_per_s(setting, cfg, device)  # two epochs: warm-up, timed
+    events = profiler.key_averages()
+    steps = 2 * cfg.loop_steps
+    counts = {e.key: e.count for e in events if e.key in COUNTED}
+    per_step = ", ".join(f"{key} {counts.get(key, 0) / steps:.1f}" for key in COUNTED)
+    print(f"\n## loop {setting.norm} batch {setting.batch} {setting.precision} {setting.mode}: "
+          f"{images_per_s:.1f} images/s under the profiler; per training step (two epochs, "
+          f"validation included): {per_step}", flush=True)  # fmt: skip
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
+
+
+def main() -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = Config() if device.type == "cuda" else Config.reduced()
+    first_steps(cfg, device, 1)
+    modes = [("eager", 8), ("cudagraphs", 1)] if device.type == "cuda" else [("eager", 2)]
+    for mode, batch in modes:
+        for norm in ("bn", "agc"):
+            profiled_loop(Setting(norm, batch, "bf16", mode), cfg, device)
+
+
+if __name__ == "__main__":
+    main()
