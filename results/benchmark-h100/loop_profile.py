@@ -10,9 +10,11 @@ python results/benchmark-h100/loop_profile.py
     1. Each of bn, none and agc's eager batch-1 bf16 step, measured twice in turn (as
        ``make bench`` measures it): a first-measurement effect shows as a first time
        above the second.
-    2. The training loop of bn and agc (eager at batch 8, CUDA graphs at batch 1), as
-       ``make bench`` runs it, under torch.profiler: the ops with the most host and the
-       most device time, and per training step the launches and host-device waits.
+    2. For bn and agc (eager at batch 8, CUDA graphs at batch 1): the bare step's times over
+       as many back-to-back steps as the loop trains (the report gives their median, the
+       loop their mean, so a slow tail would show here); then the training loop, as
+       ``make bench`` runs it, under torch.profiler: the ops with the most host and the most
+       device time, and per training step the launches and host-device waits.
     On a CPU: the reduced grid's sizes, eager only, to check that it runs.
 """
 
@@ -21,10 +23,21 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from deepcontrol.benchmark import Config, Setting, _loop_images_per_s, measure_step
+from deepcontrol.benchmark import (
+    Config,
+    Setting,
+    _loop_images_per_s,
+    measure_step,
+    step_times,
+    training_step,
+)
 
 COUNTED = ("cudaLaunchKernel", "cudaGraphLaunch", "cudaStreamSynchronize",
            "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMalloc")  # fmt: skip
+
+
+def label(setting: Setting) -> str:
+    return f"{setting.norm} batch {setting.batch} {setting.precision} {setting.mode}"
 
 
 def first_steps(cfg: Config, device: torch.device, batch: int) -> None:
@@ -35,6 +48,17 @@ def first_steps(cfg: Config, device: torch.device, batch: int) -> None:
                   f"{result.ms_per_step:.2f} ms {result.error}", flush=True)  # fmt: skip
 
 
+def step_spread(setting: Setting, cfg: Config, device: torch.device) -> None:
+    step = training_step(setting, cfg, device)
+    for _ in range(cfg.warmup):
+        step()
+    times = sorted(step_times(step, cfg.loop_steps, device))
+    n = len(times)
+    print(f"\n## bare step {label(setting)}, {n} steps back to back: median "
+          f"{times[n // 2]:.2f} ms, mean {sum(times) / n:.2f}, 90th percentile "
+          f"{times[9 * n // 10]:.2f}, max {times[-1]:.2f}", flush=True)  # fmt: skip
+
+
 def profiled_loop(setting: Setting, cfg: Config, device: torch.device) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
@@ -43,9 +67,8 @@ def profiled_loop(setting: Setting, cfg: Config, device: torch.device) -> None:
     steps = 2 * cfg.loop_steps
     counts = {e.key: e.count for e in events if e.key in COUNTED}
     per_step = ", ".join(f"{key} {counts.get(key, 0) / steps:.1f}" for key in COUNTED)
-    print(f"\n## loop {setting.norm} batch {setting.batch} {setting.precision} {setting.mode}: "
-          f"{images_per_s:.1f} images/s under the profiler; per training step (two epochs, "
-          f"validation included): {per_step}", flush=True)  # fmt: skip
+    print(f"\n## loop {label(setting)}: {images_per_s:.1f} images/s under the profiler; per "
+          f"training step (two epochs, validation included): {per_step}", flush=True)  # fmt: skip
     print(events.table(sort_by="self_cpu_time_total", row_limit=20))
     if device.type == "cuda":
         print(events.table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
@@ -58,6 +81,7 @@ def main() -> None:
     modes = [("eager", 8), ("cudagraphs", 1)] if device.type == "cuda" else [("eager", 2)]
     for mode, batch in modes:
         for norm in ("bn", "agc"):
+            step_spread(Setting(norm, batch, "bf16", mode), cfg, device)
             profiled_loop(Setting(norm, batch, "bf16", mode), cfg, device)
 
 
