@@ -27,8 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 4096  # elements of one elementwise program's (positions × channels) tile
-# The reduction's launch (scripts/tune_agc_reduction.py times others on a GPU): its tile, the
+# The elementwise kernels' launch: one program's (positions × channels) tile, in elements,
+# and its warps (scripts/tune_agc_kernels.py times others on a GPU)
+TILE = 4096
+ELEMENTWISE_WARPS = 8
+# The reduction's launch (scripts/tune_agc_kernels.py times others on a GPU): its tile, the
 # programs to aim for (several per streaming multiprocessor), the most chunks per (sample,
 # channel block), which its last program adds up, and its warps
 SUMS_TILE = 4096
@@ -275,10 +278,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _blocks(channels: int, tile: int = TILE) -> tuple[int, int, int]:
-    """A tile's positions and channels, and how many channel blocks cover ``channels``."""
+def _blocks(channels: int, tile: int | None = None) -> tuple[int, int, int]:
+    """A tile's positions and channels (an elementwise ``TILE`` unless ``tile`` is given), and
+    how many channel blocks cover ``channels``."""
     block_c = min(64, 1 << (channels - 1).bit_length())
-    return tile // block_c, block_c, _cdiv(channels, block_c)
+    return (TILE if tile is None else tile) // block_c, block_c, _cdiv(channels, block_c)
 
 
 def _tiles(t: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
@@ -341,7 +345,7 @@ def forward(
     grid, block_hw, block_c = _tiles(y)
     _agc_relu_kernel[grid](
         y, out, sums, mean_scale, weight, bias, y.shape[1], y.shape[2] * y.shape[3],
-        *strides, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
+        *strides, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=ELEMENTWISE_WARPS,
     )  # fmt: skip
     return out, sums, counts
 
@@ -370,6 +374,7 @@ def backward(
     grid, block_hw, block_c = _tiles(out)
     _agc_relu_grad_kernel[grid](
         grad_out, out, grad_y, gsums, mean_scale, weight, out.shape[1],
-        out.shape[2] * out.shape[3], *strides, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=8,
+        out.shape[2] * out.shape[3], *strides, BLOCK_HW=block_hw, BLOCK_C=block_c,
+        num_warps=ELEMENTWISE_WARPS,
     )  # fmt: skip
     return grad_y, *grads

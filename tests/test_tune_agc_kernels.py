@@ -1,4 +1,4 @@
-"""scripts/tune_agc_reduction.py: each configuration's sums are checked before it is timed."""
+"""scripts/tune_agc_kernels.py: each configuration's results are checked before it is timed."""
 
 import importlib.util
 from pathlib import Path
@@ -9,12 +9,12 @@ import torch
 from deepcontrol.nn import fused_agc
 
 pytestmark = pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed")
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tune_agc_reduction.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tune_agc_kernels.py"
 
 
 @pytest.fixture(scope="module")
 def tuner():
-    spec = importlib.util.spec_from_file_location("tune_agc_reduction", SCRIPT)
+    spec = importlib.util.spec_from_file_location("tune_agc_kernels", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -72,3 +72,41 @@ def test_wrong_sums_are_reported_not_timed(tuner, monkeypatch):
     [row] = tuner.tune(small_inputs(), [tuner.committed_settings()], replays=2)
     assert row["wrong"].startswith("layer 0: relative error 1.0e-03")
     assert "ms" not in row
+
+
+def test_elementwise_configurations_launch_their_own_tiles_and_give_the_same_bits(
+    tuner, monkeypatch
+):
+    committed = tuner.committed_settings("elementwise")
+    other = {"TILE": 1024, "ELEMENTWISE_WARPS": 2 if committed["ELEMENTWISE_WARPS"] == 4 else 4}
+    recorded = RecordedLaunches(tuner.kernels._agc_relu_kernel)
+    monkeypatch.setattr(tuner.kernels, "_agc_relu_kernel", recorded)
+    rows = tuner.tune(small_inputs(), [committed, other], replays=2, part="elementwise")
+    assert [row["wrong"] for row in rows] == ["", ""]
+    assert tuner.committed_settings("elementwise") == committed
+    # each layer's forward: making the layers' outputs, the committed results, then each
+    # configuration's check
+    assert len(recorded.launches) == 2 * 4
+    as_committed, as_other = recorded.launches[4:6], recorded.launches[6:]
+    assert {warps for _, warps in as_committed} == {committed["ELEMENTWISE_WARPS"]}
+    assert {warps for _, warps in as_other} == {other["ELEMENTWISE_WARPS"]}
+    # the first layer: 16 channels, so 64 positions a tile of 1024, over its 960 positions
+    assert as_other[0][0] == (2, 1, 15)
+
+
+def test_elementwise_results_other_than_the_committed_are_reported_not_timed(tuner, monkeypatch):
+    committed = tuner.committed_settings("elementwise")
+    forward = tuner.kernels.forward
+
+    def tile_dependent(*args):
+        out, sums, counts = forward(*args)
+        return (out if tuner.kernels.TILE == committed["TILE"] else out * 2), sums, counts
+
+    monkeypatch.setattr(tuner.kernels, "forward", tile_dependent)
+    other = {**committed, "TILE": 1024}
+    rows = tuner.tune(small_inputs(), [committed, other], replays=2, part="elementwise")
+    assert [row["wrong"] for row in rows] == [
+        "",
+        "layer 0: out differs from the committed settings'",
+    ]
+    assert "ms" not in rows[1]
