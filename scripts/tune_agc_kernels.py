@@ -201,7 +201,8 @@ def main() -> None:
         f"{args.kernels}: {len(inputs)} AGC inputs, {args.precision}, batch {setting.batch}, "
         f"{cfg.height}×{cfg.width}, on {torch.cuda.get_device_name() if gpu else 'cpu'}"
     )
-    for row in tune(inputs, configurations, args.replays, args.kernels):
+    rows = tune(inputs, configurations, args.replays, args.kernels)
+    for row in rows:
         settings = " ".join(f"{name} {row[name]}" for name in grid)
         mark = "  (committed)" if row["committed"] else ""
         if row["wrong"]:
@@ -210,6 +211,23 @@ def main() -> None:
             print(f"{settings}: {row['ms']:.3f} ms per step, {row['gb_per_s']:.0f} GB/s{mark}")
         else:
             print(f"{settings}: results right (not timed without a GPU){mark}")
+    if line := fastest(rows, grid):
+        print(line)
+
+
+def fastest(rows: list[dict], names: Iterable[str]) -> str:
+    """The fastest timed configuration, as a line to apply, with its time over the
+    committed settings'; "" if none was timed."""
+    timed = [row for row in rows if "ms" in row]
+    if not timed:
+        return ""
+    best = timed[0]
+    settings = " ".join(f"{name}={best[name]}" for name in names)
+    baseline = [row["ms"] for row in timed if row["committed"]]
+    relative = (
+        f", {best['ms'] / baseline[0]:.3f} of the committed settings' time" if baseline else ""
+    )
+    return f"fastest: {settings}{relative}"
 
 
 if __name__ == "__main__":

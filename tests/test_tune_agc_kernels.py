@@ -110,3 +110,16 @@ def test_elementwise_results_other_than_the_committed_are_reported_not_timed(tun
         "layer 0: out differs from the committed settings'",
     ]
     assert "ms" not in rows[1]
+
+
+def test_fastest_names_the_settings_to_apply_and_their_time_over_the_committed(tuner):
+    rows = [
+        {"TILE": 8192, "ELEMENTWISE_WARPS": 4, "committed": False, "wrong": "", "ms": 1.5},
+        {"TILE": 4096, "ELEMENTWISE_WARPS": 8, "committed": True, "wrong": "", "ms": 2.0},
+        {"TILE": 1024, "ELEMENTWISE_WARPS": 2, "committed": False, "wrong": "layer 0"},
+    ]
+    names = ("TILE", "ELEMENTWISE_WARPS")
+    assert tuner.fastest(rows, names) == (
+        "fastest: TILE=8192 ELEMENTWISE_WARPS=4, 0.750 of the committed settings' time"
+    )
+    assert tuner.fastest(rows[2:], names) == ""

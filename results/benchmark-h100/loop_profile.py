@@ -3,8 +3,7 @@
 Run 3 (README) found the loop at 0.83 (eager, batch 8) and 0.84 (CUDA graphs, batch 1) of
 AGC's bare step, against 0.92 for BN, and BN's eager batch-1 bf16 step, the process's first
 measurement, at 12.37 ms where its fp32 step took 7.33. Not a test and no part of
-``make bench``: a one-off diagnostic for the next GPU run, kept outside ``src/`` and
-``scripts/`` so that the report's code, and with it its unfinished grid, stays the same.
+``make bench``: a one-off diagnostic for the next GPU run.
 
 python results/benchmark-h100/loop_profile.py
     1. Each of bn, none and agc's eager batch-1 bf16 step, measured twice in turn (as

@@ -1,7 +1,7 @@
 """One-off: the AGC reduction (_sums_kernel) over SegNet's 25 real AGC inputs at batch 8,
 bf16, channels_last, 256x512, per launch configuration (TILE, PROGRAMS, num_warps).
 Prints ms per step (forward sums + backward sums) and GB/s. Its CUDA events also time the
-host (README.md); scripts/tune_agc_reduction.py times the kernels alone."""
+host (README.md); scripts/tune_agc_kernels.py times the kernels alone."""
 import itertools, statistics, sys, time
 import torch
 from deepcontrol.benchmark import build
