@@ -31,8 +31,10 @@ from deepcontrol.benchmark import (
     training_step,
 )
 
-COUNTED = ("cudaLaunchKernel", "cudaGraphLaunch", "cudaStreamSynchronize",
-           "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMalloc")  # fmt: skip
+# Host calls counted per training step; Triton launches through the driver (cuLaunchKernel)
+COUNTED = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+           "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+           "cudaMalloc")  # fmt: skip
 
 
 def label(setting: Setting) -> str:
