@@ -32,7 +32,7 @@ import torch
 if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn imports it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from deepcontrol.benchmark import Config, Setting, agc_inputs  # noqa: E402
+from deepcontrol.benchmark import AGC_KERNEL_PASSES, Config, Setting, agc_inputs  # noqa: E402
 from deepcontrol.nn import triton_agc as kernels  # noqa: E402
 
 GRIDS = {
@@ -87,10 +87,10 @@ def layer_passes(layers: list[tuple]) -> Callable[[], list]:
     return run
 
 
-# Activation-sized passes per layer and step: the reductions read y forward and ∂L/∂out and
-# out backward; the elementwise kernels then read y and write out, read ∂L/∂out and out and
-# write ∂L/∂y (deepcontrol.nn.triton_agc).
-PASSES = {"reduction": 3, "elementwise": 3 + 5}
+# Activation-sized passes per layer and step that each part's run makes: the reductions
+# alone, or the whole layer (reductions and elementwise kernels)
+PASSES = {"reduction": AGC_KERNEL_PASSES["_sums_kernel"],
+          "elementwise": sum(AGC_KERNEL_PASSES.values())}  # fmt: skip
 
 
 def wrong_sums(run: Callable[[], list], layers: list) -> str:
@@ -177,6 +177,21 @@ def tune(
     return sorted(rows, key=lambda r: (bool(r["wrong"]), r.get("ms", 0.0)))
 
 
+def fastest(rows: list[dict], names: Iterable[str]) -> str:
+    """The fastest timed configuration, as a line to apply, with its time over the
+    committed settings'; "" if none was timed."""
+    timed = [row for row in rows if "ms" in row]
+    if not timed:
+        return ""
+    best = timed[0]
+    settings = " ".join(f"{name}={best[name]}" for name in names)
+    baseline = [row["ms"] for row in timed if row["committed"]]
+    relative = (
+        f", {best['ms'] / baseline[0]:.3f} of the committed settings' time" if baseline else ""
+    )
+    return f"fastest: {settings}{relative}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", choices=tuple(GRIDS), default="reduction")
@@ -213,21 +228,6 @@ def main() -> None:
             print(f"{settings}: results right (not timed without a GPU){mark}")
     if line := fastest(rows, grid):
         print(line)
-
-
-def fastest(rows: list[dict], names: Iterable[str]) -> str:
-    """The fastest timed configuration, as a line to apply, with its time over the
-    committed settings'; "" if none was timed."""
-    timed = [row for row in rows if "ms" in row]
-    if not timed:
-        return ""
-    best = timed[0]
-    settings = " ".join(f"{name}={best[name]}" for name in names)
-    baseline = [row["ms"] for row in timed if row["committed"]]
-    relative = (
-        f", {best['ms'] / baseline[0]:.3f} of the committed settings' time" if baseline else ""
-    )
-    return f"fastest: {settings}{relative}"
 
 
 if __name__ == "__main__":

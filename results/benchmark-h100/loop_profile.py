@@ -19,12 +19,15 @@ python results/benchmark-h100/loop_profile.py
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from deepcontrol.benchmark import (
     Config,
     Setting,
+    _label,
     _loop_images_per_s,
     measure_step,
     step_times,
@@ -35,10 +38,6 @@ from deepcontrol.benchmark import (
 COUNTED = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
            "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
            "cudaMalloc")  # fmt: skip
-
-
-def label(setting: Setting) -> str:
-    return f"{setting.norm} batch {setting.batch} {setting.precision} {setting.mode}"
 
 
 def first_steps(cfg: Config, device: torch.device, batch: int) -> None:
@@ -53,11 +52,12 @@ def step_spread(setting: Setting, cfg: Config, device: torch.device) -> None:
     step = training_step(setting, cfg, device)
     for _ in range(cfg.warmup):
         step()
-    times = sorted(step_times(step, cfg.loop_steps, device))
-    n = len(times)
-    print(f"\n## bare step {label(setting)}, {n} steps back to back: median "
-          f"{times[n // 2]:.2f} ms, mean {sum(times) / n:.2f}, 90th percentile "
-          f"{times[9 * n // 10]:.2f}, max {times[-1]:.2f}", flush=True)  # fmt: skip
+    times = step_times(step, cfg.loop_steps, device)
+    p90 = statistics.quantiles(times, n=10, method="inclusive")[-1]
+    # the median as the report takes it, the mean as the loop's time adds up
+    print(f"\n## bare step {_label(setting)}, {len(times)} steps back to back: median "
+          f"{statistics.median(times):.2f} ms, mean {statistics.mean(times):.2f}, 90th "
+          f"percentile {p90:.2f}, max {max(times):.2f}", flush=True)  # fmt: skip
 
 
 def profiled_loop(setting: Setting, cfg: Config, device: torch.device) -> None:
@@ -68,7 +68,7 @@ def profiled_loop(setting: Setting, cfg: Config, device: torch.device) -> None:
     steps = 2 * cfg.loop_steps
     counts = {e.key: e.count for e in events if e.key in COUNTED}
     per_step = ", ".join(f"{key} {counts.get(key, 0) / steps:.1f}" for key in COUNTED)
-    print(f"\n## loop {label(setting)}: {images_per_s:.1f} images/s under the profiler; per "
+    print(f"\n## loop {_label(setting)}: {images_per_s:.1f} images/s under the profiler; per "
           f"training step (two epochs, validation included): {per_step}", flush=True)  # fmt: skip
     print(events.table(sort_by="self_cpu_time_total", row_limit=20))
     if device.type == "cuda":
@@ -82,8 +82,9 @@ def main() -> None:
     modes = [("eager", 8), ("cudagraphs", 1)] if device.type == "cuda" else [("eager", 2)]
     for mode, batch in modes:
         for norm in ("bn", "agc"):
-            step_spread(Setting(norm, batch, "bf16", mode), cfg, device)
-            profiled_loop(Setting(norm, batch, "bf16", mode), cfg, device)
+            setting = Setting(norm, batch, "bf16", mode)
+            step_spread(setting, cfg, device)
+            profiled_loop(setting, cfg, device)
 
 
 if __name__ == "__main__":
