@@ -300,6 +300,15 @@ def _counters(y: torch.Tensor) -> torch.Tensor:
     return torch.zeros(n * c_blocks + c_blocks, device=y.device, dtype=torch.int32)
 
 
+def _chunks(n: int, c: int, hw: int) -> tuple[int, int]:
+    """How ``_sums_kernel`` splits each (sample, channel block) of an (n, c, H·W = hw) tensor:
+    the chunks, each one program, and the positions per chunk (whole tiles)."""
+    block_hw, _, c_blocks = _blocks(c, SUMS_TILE)
+    chunks = min(_cdiv(hw, block_hw), _cdiv(PROGRAMS, n * c_blocks), MAX_CHUNKS)
+    rows = _cdiv(_cdiv(hw, chunks), block_hw) * block_hw
+    return _cdiv(hw, rows), rows
+
+
 def _sums(
     a: torch.Tensor,
     strides: tuple[int, int, int],
@@ -315,9 +324,7 @@ def _sums(
     gradients written into ``param_grads``."""
     n, c, h, w = a.shape
     block_hw, block_c, c_blocks = _blocks(c, SUMS_TILE)
-    chunks = min(_cdiv(h * w, block_hw), _cdiv(PROGRAMS, n * c_blocks), MAX_CHUNKS)
-    rows = _cdiv(_cdiv(h * w, chunks), block_hw) * block_hw
-    chunks = _cdiv(h * w, rows)
+    chunks, rows = _chunks(n, c, h * w)
     grad = out is not None
     partial = torch.empty((2 if grad else 1, chunks, n, c), device=a.device, dtype=torch.float32)
     sums = torch.empty((2 if grad else 1, n, c), device=a.device, dtype=torch.float32)
