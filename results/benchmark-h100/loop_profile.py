@@ -9,17 +9,28 @@ python results/benchmark-h100/loop_profile.py
     1. Each of bn, none and agc's eager batch-1 bf16 step, measured twice in turn (as
        ``make bench`` measures it): a first-measurement effect shows as a first time
        above the second.
-    2. For bn and agc (eager at batch 8, CUDA graphs at batch 1): the bare step's times over
-       as many back-to-back steps as the loop trains (the report gives their median, the
-       loop their mean, so a slow tail would show here); then the training loop, as
-       ``make bench`` runs it, under torch.profiler: the ops with the most host and the most
-       device time, and per training step the launches and host-device waits.
+    2. For bn and agc (eager at batch 8, CUDA graphs at batch 1), one training loop as
+       ``make bench``'s loop check builds it, warmed up (and compiled) by one epoch, then:
+       - its bare step on one of its batches, back to back as the report times it, with
+         the median (the report's), the mean (what a loop adds up), the 90th percentile
+         and the maximum; and the host's time to issue one step onto an idle device;
+       - the loop taken apart, each part timed from an idle device to a finished one and
+         given in ms per training step, with Python's garbage collections in it: the bare
+         steps over the loop's batches (data, no bookkeeping), ``train_one_epoch`` (adds the
+         loss sums and a sync every 10 steps), the validation, the whole epoch (the loop
+         check), and the epoch with Python's garbage collector off;
+       - the epoch under torch.profiler: per training step the launches and host-device
+         waits, and the ops with the most host and the most device time.
     On a CPU: the reduced grid's sizes, eager only, to check that it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -27,12 +38,14 @@ from torch.profiler import ProfilerActivity, profile
 from deepcontrol.benchmark import (
     Config,
     Setting,
+    TrainingLoop,
     _label,
-    _loop_images_per_s,
     measure_step,
+    seconds,
     step_times,
-    training_step,
+    training_loop,
 )
+from deepcontrol.engine import sgd_step
 
 # Host calls counted per training step; Triton launches through the driver (cuLaunchKernel)
 COUNTED = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
@@ -48,31 +61,98 @@ def first_steps(cfg: Config, device: torch.device, batch: int) -> None:
                   f"{result.ms_per_step:.2f} ms {result.error}", flush=True)  # fmt: skip
 
 
-def step_spread(setting: Setting, cfg: Config, device: torch.device) -> None:
-    step = training_step(setting, cfg, device)
+@contextlib.contextmanager
+def garbage_collections() -> Iterator[dict]:
+    """Python's garbage collections while the block runs: how many of each generation, and
+    the seconds they took."""
+    seen = {"collections": [0, 0, 0], "seconds": 0.0}
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            seen["collections"][info["generation"]] += 1
+            seen["seconds"] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(callback)
+
+
+def bare_step(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
+    images, labels, contours = next(iter(loop.train))
+    loop.step_model.train()
+
+    def step() -> None:
+        sgd_step(loop.step_model, loop.optimizer, loop.loss_fn, images, labels, contours,
+                 loop.setting.precision)  # fmt: skip
+
     for _ in range(cfg.warmup):
         step()
     times = step_times(step, cfg.loop_steps, device)
     p90 = statistics.quantiles(times, n=10, method="inclusive")[-1]
+    issue = []  # the host's time to queue one step while the device has nothing else queued
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        step()
+        issue.append(1000 * (time.perf_counter() - started))
     # the median as the report takes it, the mean as the loop's time adds up
-    print(f"\n## bare step {_label(setting)}, {len(times)} steps back to back: median "
-          f"{statistics.median(times):.2f} ms, mean {statistics.mean(times):.2f}, 90th "
-          f"percentile {p90:.2f}, max {max(times):.2f}", flush=True)  # fmt: skip
+    print(f"bare step, {len(times)} back to back: median {statistics.median(times):.2f} ms, "
+          f"mean {statistics.mean(times):.2f}, 90th percentile {p90:.2f}, max {max(times):.2f}; "
+          f"host time to issue one step {statistics.median(issue):.2f} ms", flush=True)  # fmt: skip
 
 
-def profiled_loop(setting: Setting, cfg: Config, device: torch.device) -> None:
+def loop_parts(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
+    def steps_over_batches() -> None:
+        loop.step_model.train()
+        for images, labels, contours in loop.train:
+            sgd_step(loop.step_model, loop.optimizer, loop.loss_fn, images, labels, contours,
+                     loop.setting.precision)  # fmt: skip
+
+    def without_gc(work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            gc.disable()
+            try:
+                work()
+            finally:
+                gc.enable()
+
+        return run
+
+    parts = {
+        "the bare steps over the loop's batches": steps_over_batches,
+        "train_one_epoch": loop.train_epoch,
+        "validation": loop.validate,
+        "epoch (the loop check)": loop.epoch,
+        "epoch, Python's GC off": without_gc(loop.epoch),
+    }
+    print("| part | ms per training step | GC collections (gen 0/1/2) | GC ms |\n|---|---|---|---|")
+    for name, work in parts.items():
+        with garbage_collections() as collected:
+            took = seconds(work, device)
+        counts = "/".join(map(str, collected["collections"]))
+        print(f"| {name} | {1000 * took / cfg.loop_steps:.2f} | {counts} | "
+              f"{1000 * collected['seconds']:.1f} |", flush=True)  # fmt: skip
+
+
+def profiled_epoch(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
-        images_per_s = _loop_images_per_s(setting, cfg, device)  # two epochs: warm-up, timed
+        loop.epoch()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     events = profiler.key_averages()
-    steps = 2 * cfg.loop_steps
     counts = {e.key: e.count for e in events if e.key in COUNTED}
-    per_step = ", ".join(f"{key} {counts.get(key, 0) / steps:.1f}" for key in COUNTED)
-    print(f"\n## loop {_label(setting)}: {images_per_s:.1f} images/s under the profiler; per "
-          f"training step (two epochs, validation included): {per_step}", flush=True)  # fmt: skip
-    print(events.table(sort_by="self_cpu_time_total", row_limit=20))
+    per_step = ", ".join(f"{key} {counts.get(key, 0) / cfg.loop_steps:.1f}" for key in COUNTED)
+    print(f"per training step under the profiler (validation included): {per_step}")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
     if device.type == "cuda":
-        print(events.table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
+        print(events.table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
 
 
 def main() -> None:
@@ -83,8 +163,12 @@ def main() -> None:
     for mode, batch in modes:
         for norm in ("bn", "agc"):
             setting = Setting(norm, batch, "bf16", mode)
-            step_spread(setting, cfg, device)
-            profiled_loop(setting, cfg, device)
+            print(f"\n## {_label(setting)}", flush=True)
+            loop = training_loop(setting, cfg, device)
+            loop.epoch()  # warm-up, and compiling
+            bare_step(loop, cfg, device)
+            loop_parts(loop, cfg, device)
+            profiled_epoch(loop, cfg, device)
 
 
 if __name__ == "__main__":

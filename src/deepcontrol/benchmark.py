@@ -401,7 +401,34 @@ def loop_efficiency(setting: Setting, cfg: Config, device: torch.device,
     return row
 
 
-def _loop_images_per_s(setting: Setting, cfg: Config, device: torch.device) -> float:
+@dataclass
+class TrainingLoop:
+    """``setting``'s network training as ``deepcontrol.train`` trains it, on random
+    device-resident data (``training_loop``); its epoch's parts, to time together or apart."""
+
+    setting: Setting
+    train: DeviceBatches
+    val: DeviceBatches
+    model: nn.Module  # validation runs it uncompiled, as training does
+    step_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+
+    def train_epoch(self) -> None:
+        train_one_epoch(self.step_model, self.train, self.optimizer, self.loss_fn,
+                        self.setting.precision)  # fmt: skip
+
+    def validate(self) -> None:
+        evaluate(self.model, self.val, self.loss_fn, 19, self.setting.precision)
+
+    def epoch(self) -> None:
+        self.train_epoch()
+        self.validate()
+
+
+def training_loop(setting: Setting, cfg: Config, device: torch.device) -> TrainingLoop:
+    """``cfg.loop_steps`` training batches of ``setting``, and Figure 1's share of validation
+    images (500 per 2975 trained) in batches of ``cfg.val_batch``."""
     samples = setting.batch * cfg.loop_steps
     split_sizes = figure1_run_counts()[0]
     val_samples = max(1, round(samples * split_sizes.val_images / split_sizes.train_images))
@@ -416,21 +443,25 @@ def _loop_images_per_s(setting: Setting, cfg: Config, device: torch.device) -> f
     torch.manual_seed(0)
     model = build(setting.norm, device, setting.network)
     optimizer = sgd(model, lr=0.01, momentum=0.9)
-    step_model = run_as(model, setting.mode)
-    loss_fn = training_loss()
+    return TrainingLoop(setting, train, val, model, run_as(model, setting.mode), optimizer,
+                        training_loss())  # fmt: skip
 
-    def epoch() -> None:  # as deepcontrol.train runs one
-        train_one_epoch(step_model, train, optimizer, loss_fn, setting.precision)
-        evaluate(model, val, loss_fn, 19, setting.precision)
 
-    epoch()  # warm-up, and compiling
+def seconds(work: Callable[[], None], device: torch.device) -> float:
+    """Wall-clock seconds of ``work``, from an idle device until the device has finished it."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     started = time.perf_counter()
-    epoch()
+    work()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return samples / (time.perf_counter() - started)
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _loop_images_per_s(setting: Setting, cfg: Config, device: torch.device) -> float:
+    loop = training_loop(setting, cfg, device)
+    loop.epoch()  # warm-up, and compiling
+    return setting.batch * cfg.loop_steps / seconds(loop.epoch, device)
 
 
 # What a benchmark measures: the package and the script. A commit that changes nothing here
