@@ -67,7 +67,7 @@ def reductions(layers: list[tuple]) -> Callable[[], list]:
             sums = kernels._sums(y, strides, counts)
             param_grads = tuple(torch.empty_like(p) for p in (lam, gamma, beta))
             found.append((sums, kernels._sums(grad, strides, counts, out, beta, sums[0], gamma,
-                                              param_grads)))  # fmt: skip
+                                              param_grads, kernels._kept_bits(out))))  # fmt: skip
         return found
 
     return run
