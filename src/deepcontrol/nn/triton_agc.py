@@ -123,8 +123,8 @@ def _bit_or(a, b):
 @triton.jit
 def _kept_words(n, hw, word, HW, C, BITS: tl.constexpr):
     """Offsets of words ``word`` at positions ``hw`` of sample ``n`` in the ReLU's kept bits,
-    an (N, H·W, ⌈C / BITS⌉) int32 tensor: bit ``c % BITS`` of word ``c // BITS`` is whether
-    channel c's output is above 0."""
+    an (N, H·W, ⌈C / BITS⌉) int32 tensor: bit ``c % BITS`` of word ``c // BITS`` is 1 where
+    channel c's output is not at most 0 (so NaN passes its gradient, as torch.relu's does)."""
     return (n * HW + hw[:, None]) * tl.cdiv(C, BITS) + word[None, :]
 
 
@@ -182,7 +182,7 @@ def _sums_kernel(
     """Per-(sample, channel) sums over H·W into ``sums[k, n, c]``. Forward (``GRAD=False``):
     ``Σ a`` with ``a = y``. Backward: ``Σ g`` (k = 0) and ``Σ g·(out - β)`` (k = 1) with
     ``g = a·[out > 0]``, ``a = ∂L/∂out``, and then λ, γ and β's gradients; and ``[out > 0]``
-    into ``kept`` as bits (``_kept_at``), which ``_agc_relu_grad_kernel`` reads in place of
+    into ``kept`` as bits (``_kept_words``), which ``_agc_relu_grad_kernel`` reads in place of
     ``out``: a 16th of out's bytes in bf16.
 
     Each program sums one chunk of ``rows`` positions into ``partial[k, chunk, n, c]``; the
