@@ -202,6 +202,23 @@ def test_a_channel_with_zero_gain_gets_no_gain_gradient_and_no_nan():
     assert float(agc.bias.grad[1]) == pytest.approx(float(upstream[:, 1].sum()), rel=1e-5)
 
 
+def test_a_nan_spreads_as_in_the_reference():
+    """A NaN in a map makes its mean NaN, so the whole map's output and gradients are NaN, and
+    its channel's parameter gradients; training's divergence check sees it in the loss. The
+    fused backward masks the gradient with bits of ``out <= 0``, which a NaN output is not,
+    as torch.relu's backward passes it."""
+    generator = torch.Generator().manual_seed(9)
+    y = (torch.randn(2, 3, 6, 5, generator=generator) + 0.3).to(DEVICE)
+    upstream = torch.randn(2, 3, 6, 5, generator=generator).to(DEVICE)
+    y[0, 1, 2, 3] = float("nan")
+    fused = forward_backward("triton", y, upstream)
+    reference = forward_backward("reference", y, upstream)
+    assert fused[0][0, 1].isnan().all() and fused[0][1].isfinite().all()
+    for name, got, want in zip(["out", "y", "λ", "γ", "β"], fused, reference, strict=True):
+        assert torch.equal(got.isnan(), want.isnan()), name
+        assert relative_error(got.nan_to_num(), want.nan_to_num()) <= 1e-5, name
+
+
 def test_small_gain_bf16_limit():
     """In bf16 a channel with |γ| ≪ |β| keeps too few bits of y - λm in ``out`` for its γ
     gradient: the error grows as ulp(β)/|γ|. The other gradients stay within the bar."""
