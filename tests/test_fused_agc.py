@@ -75,11 +75,16 @@ def map_split_into(n: int, c: int, chunks: int, width: int) -> tuple[int, int, i
     (scripts/tune_agc_kernels.py) may have changed; a skip where they never split so many."""
     from deepcontrol.nn import triton_agc
 
-    most = triton_agc._chunks(n, c, 1 << 40)[0]  # the caps on chunks, whatever the map
+    block_hw, _, c_blocks = triton_agc._blocks(c, triton_agc.SUMS_TILE)
+
+    def split(hw: int) -> int:
+        return triton_agc._chunks(n, c_blocks, block_hw, hw)[0]
+
+    most = split(1 << 40)  # the caps on chunks, whatever the map
     if most <= chunks:
         pytest.skip(f"the reduction's settings split a map into at most {most} chunks here")
     h = 1
-    while triton_agc._chunks(n, c, h * width)[0] <= chunks:
+    while split(h * width) <= chunks:
         h += 1
     return n, c, h, width
 

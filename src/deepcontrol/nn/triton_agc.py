@@ -309,12 +309,12 @@ def _blocks(channels: int, tile: int | None = None) -> tuple[int, int, int]:
     return (TILE if tile is None else tile) // block_c, block_c, _cdiv(channels, block_c)
 
 
-def _kept_bits(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _kept_bits(t: torch.Tensor, block_c: int) -> tuple[torch.Tensor, int]:
     """An empty (N, H·W, ⌈C / bits⌉) int32 tensor for the ReLU's kept bits of ``t`` (see
-    ``_kept_words``), and its bits per word: 32, or a channel block's channels where fewer, so
-    that a word never spans two blocks."""
+    ``_kept_words``), and its bits per word: 32, or the ``block_c`` channels of a channel
+    block where fewer, so that a word never spans two blocks."""
     n, c, h, w = t.shape
-    bits = min(32, _blocks(c)[1])
+    bits = min(32, block_c)
     return torch.empty((n, h * w, _cdiv(c, bits)), device=t.device, dtype=torch.int32), bits
 
 
@@ -333,10 +333,10 @@ def _counters(y: torch.Tensor) -> torch.Tensor:
     return torch.zeros(n * c_blocks + c_blocks, device=y.device, dtype=torch.int32)
 
 
-def _chunks(n: int, c: int, hw: int) -> tuple[int, int]:
-    """How ``_sums_kernel`` splits each (sample, channel block) of an (n, c, H·W = hw) tensor:
-    the chunks, each one program, and the positions per chunk (whole tiles)."""
-    block_hw, _, c_blocks = _blocks(c, SUMS_TILE)
+def _chunks(n: int, c_blocks: int, block_hw: int, hw: int) -> tuple[int, int]:
+    """How ``_sums_kernel`` splits each (sample, channel block) of an (n, C, H·W = hw) tensor
+    whose C makes ``c_blocks`` blocks and its tiles ``block_hw`` positions (``_blocks``): the
+    chunks, each one program, and the positions per chunk (whole tiles)."""
     chunks = min(_cdiv(hw, block_hw), _cdiv(PROGRAMS, n * c_blocks), MAX_CHUNKS)
     rows = _cdiv(_cdiv(hw, chunks), block_hw) * block_hw
     return _cdiv(hw, rows), rows
@@ -358,7 +358,7 @@ def _sums(
     gradients written into ``param_grads``, and out's kept bits into ``kept`` (``_kept_bits``)."""
     n, c, h, w = a.shape
     block_hw, block_c, c_blocks = _blocks(c, SUMS_TILE)
-    chunks, rows = _chunks(n, c, h * w)
+    chunks, rows = _chunks(n, c_blocks, block_hw, h * w)
     grad = out is not None
     partial = torch.empty((2 if grad else 1, chunks, n, c), device=a.device, dtype=torch.float32)
     sums = torch.empty((2 if grad else 1, n, c), device=a.device, dtype=torch.float32)
@@ -410,15 +410,15 @@ def backward(
     grad_out = grad_out.contiguous(memory_format=_layout(out))
     strides = _strides(out)
     grads = tuple(torch.empty_like(p) for p in (mean_scale, weight, bias))
-    kept = _kept_bits(out)
+    grid, block_hw, block_c = _tiles(out)
+    kept, bits = _kept_bits(out, block_c)
     # [Σ_HW g, Σ_HW g·(out - β)] with g = ∂L/∂out·[out > 0], the parameters' gradients, and
     # [out > 0] as bits, so that the last pass reads ∂L/∂out and the bits rather than out too
-    gsums = _sums(grad_out, strides, counts, out, bias, sums, weight, grads, kept)
+    gsums = _sums(grad_out, strides, counts, out, bias, sums, weight, grads, (kept, bits))
     grad_y = torch.empty_like(out)  # out's strides, as out is dense
-    grid, block_hw, block_c = _tiles(out)
     _agc_relu_grad_kernel[grid](
-        grad_out, kept[0], grad_y, gsums, mean_scale, weight, out.shape[1],
+        grad_out, kept, grad_y, gsums, mean_scale, weight, out.shape[1],
         out.shape[2] * out.shape[3], *strides, BLOCK_HW=block_hw, BLOCK_C=block_c,
-        BITS=kept[1], num_warps=ELEMENTWISE_WARPS,
+        BITS=bits, num_warps=ELEMENTWISE_WARPS,
     )  # fmt: skip
     return grad_y, *grads
