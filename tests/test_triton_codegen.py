@@ -135,11 +135,56 @@ def machine_instructions(cubin: bytes) -> int:
     return sum(1 for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/\s+\S", line))
 
 
-def compile_report() -> dict:
+def largest_loop(cubin: bytes) -> int:
+    """How many SASS instructions the largest loop body of ``cubin``'s kernel has: the most
+    between a backward branch and its target, by nvdisasm."""
+    sass = run_tool("nvdisasm", cubin, "-c").stdout
+    labels, branches, pending = {}, [], []
+    for line in sass.splitlines():
+        if label := re.match(r"\s*\.(L_x_\d+):", line):
+            pending.append(label.group(1))
+        elif at := re.match(r"\s*/\*([0-9a-f]{4})\*/\s+\S", line):
+            address = int(at.group(1), 16)
+            labels.update(dict.fromkeys(pending, address))
+            pending = []
+            if target := re.search(r"BRA\s+`\((\.?L_x_\d+)\)", line):
+                branches.append((address, target.group(1).lstrip(".")))
+    loops = [(labels[target], address) for address, target in branches if labels[target] <= address]
+    return max((end - start) // 16 + 1 for start, end in loops) if loops else 0
+
+
+def compile_for_sm90(kernel, constants: dict, activations: str = "*bf16", num_warps: int = 8):
+    """``kernel`` compiled ahead of time for sm_90 with ``constants`` and Triton's JIT
+    specialisation for a channels_last ``activations`` tensor of SegNet's first layer; its
+    signature and constants too."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    values = {"N": N, "C": C, "HW": HW, "rows": 1024, **STRIDES}
+    signature, attrs, constexprs = {}, {}, dict(constants)
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ACTIVATIONS:
+            signature[name] = activations
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.endswith("_ptr"):
+            signature[name] = POINTER_TYPES.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif values[name] == 1:  # Triton's JIT makes arguments equal to 1 constants
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps})  # fmt: skip
+    return compiled, signature, constexprs
+
+
+def compile_report() -> dict:
     from deepcontrol.nn import triton_agc
 
     values = {"N": N, "C": C, "HW": HW, "rows": 1024, **STRIDES}
@@ -154,25 +199,7 @@ def compile_report() -> dict:
     }  # fmt: skip
     report = {}
     for label, (kernel, constants, activations) in kernels.items():
-        signature, attrs, constexprs = {}, {}, dict(constants)
-        for i, name in enumerate(kernel.arg_names):
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in ACTIVATIONS:
-                signature[name] = activations
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif name.endswith("_ptr"):
-                signature[name] = POINTER_TYPES.get(name, "*fp32")
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif values[name] == 1:  # Triton's JIT makes arguments equal to 1 constants
-                signature[name], constexprs[name] = "constexpr", 1
-            else:
-                signature[name] = "i32"
-                if values[name] % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 8})  # fmt: skip
+        compiled, signature, constexprs = compile_for_sm90(kernel, constants, activations)
         ptx = compiled.asm["ptx"]
         ptxas_info = run_tool("ptxas", ptx.encode(), "-v", "-arch=sm_90a", "-o", os.devnull).stderr
         dtypes = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32,
@@ -190,6 +217,7 @@ def compile_report() -> dict:
             "atomics": opcodes(ptx, "atom."),
             "fused multiply-adds": opcodes(ptx, "fma."),
             "instructions": machine_instructions(compiled.asm["cubin"]),
+            "loop instructions": largest_loop(compiled.asm["cubin"]),
             "ptxas": " ".join(line.split(":", 1)[-1].strip()
                               for line in ptxas_info.splitlines() if "spill" in line),
         }  # fmt: skip
@@ -231,6 +259,10 @@ def test_kernels_compile_for_sm90_with_vector_loads_and_no_spills(sm90):
     # output, which costs it 4 instructions per element to unpack (21 in all, against 17):
     # well below what an H100 issues while it moves the element's 4 bytes.
     assert report["agc relu, grad"]["instructions"] / 16 <= 24
+    # The backward sums pack those bits in their main loop: 14 instructions per element
+    # there, where they make 4 bytes of memory traffic (results/benchmark-h100/
+    # kernel_instructions.py compares the kernels before the bits)
+    assert report["sums, grad"]["loop instructions"] / 16 <= 16
     # eq. (1) rounds after each operation, so a fused multiply-add in the forward drops a
     # rounding: for sm_90 LLVM once made y - round(λ·m) one bf16 fma (triton_agc's
     # _rounded_unfused), and 6% of an H100's bf16 outputs differed from the reference; fp16
