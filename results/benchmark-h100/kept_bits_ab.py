@@ -18,7 +18,6 @@ one's ms per step and their ratio. Without a GPU it checks the results only (int
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -30,20 +29,14 @@ if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn i
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import tune_agc_kernels as tuner  # noqa: E402
+from kernel_instructions import load_kernels  # noqa: E402  (this folder, the script's)
 
 from deepcontrol.benchmark import Config, Setting, agc_inputs  # noqa: E402
 from deepcontrol.nn import triton_agc  # noqa: E402
 
 
-def load(path: str):
-    spec = importlib.util.spec_from_file_location("triton_agc_before", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> None:
-    before = load(sys.argv[1])
+    before = load_kernels(sys.argv[1])
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     cfg = Config() if gpu else Config(height=32, width=64)

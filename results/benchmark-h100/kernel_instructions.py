@@ -25,7 +25,9 @@ from deepcontrol.nn import triton_agc  # noqa: E402
 TILE = {"BLOCK_HW": 64, "BLOCK_C": 64}
 
 
-def load(path: str):
+def load_kernels(path: str):
+    """The fused AGC's kernels as another commit has them, from its ``triton_agc.py`` at
+    ``path``."""
     spec = importlib.util.spec_from_file_location("triton_agc_before", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -52,7 +54,7 @@ def per_element(module) -> str:
 
 
 def main() -> None:
-    print(f"before: {per_element(load(sys.argv[1]))}")
+    print(f"before: {per_element(load_kernels(sys.argv[1]))}")
     print(f"now:    {per_element(triton_agc)}")
     for channels in (1, 2, 3, 5, 12, 16, 33, 64, 80):
         block_hw, block_c, _ = triton_agc._blocks(channels)
