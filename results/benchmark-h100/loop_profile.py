@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from deepcontrol.benchmark import (
     Config,
@@ -41,6 +40,7 @@ from deepcontrol.benchmark import (
     TrainingLoop,
     _label,
     measure_step,
+    profiled,
     seconds,
     step_times,
     training_loop,
@@ -141,12 +141,7 @@ def loop_parts(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
 
 
 def profiled_epoch(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        loop.epoch()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    events = profiler.key_averages()
+    events = profiled(loop.epoch, device)
     counts = {e.key: e.count for e in events if e.key in COUNTED}
     per_step = ", ".join(f"{key} {counts.get(key, 0) / cfg.loop_steps:.1f}" for key in COUNTED)
     print(f"per training step under the profiler (validation included): {per_step}")

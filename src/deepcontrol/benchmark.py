@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.autograd import DeviceType
+from torch.autograd.profiler_util import EventList
 
 from deepcontrol.atomic import write_atomic
 from deepcontrol.config import compose
@@ -288,6 +289,20 @@ def agc_kernel_bandwidth(events: list, activation_bytes: int, steps: int) -> lis
     return lines
 
 
+def profiled(work: Callable[[], None], device: torch.device) -> EventList:
+    """torch.profiler's events (``key_averages``) over ``work``, from an idle device until
+    the device has finished it; with the device's kernels on a GPU."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=activities) as profiler:
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return profiler.key_averages()
+
+
 def profile_step(setting: Setting, cfg: Config, device: torch.device, rows: int = 25) -> str:
     """Where one training step's time goes: torch.profiler's table of the ops and kernels of
     ``cfg.steps`` steps after ``cfg.warmup``, the slowest first (device time on a GPU); then
@@ -295,17 +310,13 @@ def profile_step(setting: Setting, cfg: Config, device: torch.device, rows: int 
     step = training_step(setting, cfg, device)
     for _ in range(cfg.warmup):
         step()
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities) as profiler:
+
+    def steps() -> None:
         for _ in range(cfg.steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = profiler.key_averages()
+    events = profiled(steps, device)
     activation_bytes = agc_activation_bytes(setting, cfg, device)
     bandwidth = agc_kernel_bandwidth(events, activation_bytes, cfg.steps)
     return "\n".join([events.table(sort_by=sort, row_limit=rows),
