@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import DictConfig
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 if not torch.cuda.is_available():
     # Off CUDA, Triton kernels run only under Triton's interpreter, which has to be chosen
@@ -51,6 +53,29 @@ def compile_stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     monkeypatch.setattr(torch, "compile", compile_with_stand_in)
     yield dynamic
     torch._dynamo.reset()
+
+
+class AtenCalls(TorchDispatchMode):
+    """Records every ATen op run under it: its name and the device types of its tensor
+    arguments and of its results. A read of a tensor's value on the host shows as
+    ``_local_scalar_dense`` (``.item()``, ``float()``, ``bool()``; not ``.tolist()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, set[str], set[str]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func.__name__, _devices((args, kwargs)), _devices(out)))
+        return out
+
+    def crossings(self, source: str, target: str) -> list[str]:
+        """The ops that took tensors on ``source`` and made ones on ``target``: copies."""
+        return [name for name, takes, makes in self.calls if source in takes and target in makes]
+
+
+def _devices(tree: object) -> set[str]:
+    return {t.device.type for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
 
 
 def tiny_overrides(root: Path, cache: Path) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CAMVID, CITYSCAPES_SAMPLE, tiny_config
+from conftest import CAMVID, CITYSCAPES_SAMPLE, AtenCalls, tiny_config
 from PIL import Image
 
 from deepcontrol.data import (
@@ -281,3 +281,20 @@ def test_image_counts_other_than_the_official_split_are_reported(synthetic_root,
     cfg = tiny_config(synthetic_root, tmp_path / "c", "+data.expected_images={train: 2975}")
     ensure_cache(cfg.data)
     assert "16 train images, but the official synthetic split has 2975" in caplog.text
+
+
+def test_loader_copies_to_the_device_once_per_epoch_whatever_its_length():
+    """Copying a step's indices from pageable host memory would make the host wait for the GPU
+    at every step. The meta device stands in for the GPU: copies onto it show, and reading it
+    on the host (a sync on a GPU) fails."""
+    for samples in (6, 21):
+        images = torch.zeros(samples, 2, 3, 3, dtype=torch.uint8)
+        labels = torch.zeros(samples, 2, 3, dtype=torch.uint8)
+        batches = DeviceBatches(images, labels, batch_size=3, mean=[0.0] * 3, std=[1.0] * 3,
+                                shuffle=True, hflip=True, device="meta",
+                                contours=torch.zeros(samples, 2, 3))  # fmt: skip
+        with AtenCalls() as ops:
+            steps = [[t.device.type for t in batch] for batch in batches]
+        assert steps == [["meta"] * 3] * (samples // 3)
+        assert ops.crossings("cpu", "meta") == ["_to_copy.default"] * 2  # the order, the flips
+        assert not ops.crossings("meta", "cpu")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import AtenCalls
 from torch import nn
 
 from deepcontrol.config import compose
@@ -62,6 +63,21 @@ def test_last_steps_gradients_are_freed_before_the_forward():
     train_one_epoch(model, batches, optimizer, build_loss(compose().loss, class_weights=None))
     assert len(held) == 2 and not any(map(any, held)), held
     assert all(p.grad is not None for p in model.parameters())  # so the check above can fail
+
+
+def test_the_loop_reads_values_on_the_host_only_every_ten_steps():
+    """On a GPU each such read waits for all the work queued so far, and the GPU then idles
+    while the host queues the next: so only every 10th step, the epoch's last, and its end."""
+    model, _ = tiny_problem("cpu")
+    images = torch.zeros(23, 8, 10, 3, dtype=torch.uint8)
+    batches = DeviceBatches(images, images[..., 0], 1, mean=[0.0] * 3, std=[1.0] * 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with AtenCalls() as ops:
+        model.register_forward_pre_hook(lambda *_: ops.calls.append(("step", set(), set())))
+        train_one_epoch(model, batches, optimizer, build_loss(compose().loss, class_weights=None))
+    names = [name for name, _, _ in ops.calls]
+    read_after = {names[:i].count("step") for i, n in enumerate(names) if n.startswith("_local_s")}
+    assert names.count("step") == 23 and read_after == {10, 20, 23}
 
 
 @pytest.mark.parametrize("norm", ["bn", "agc"])
