@@ -57,8 +57,10 @@ def compile_stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
 
 class AtenCalls(TorchDispatchMode):
     """Records every ATen op run under it: its name and the device types of its tensor
-    arguments and of its results. A read of a tensor's value on the host shows as
-    ``_local_scalar_dense`` (``.item()``, ``float()``, ``bool()``; not ``.tolist()``)."""
+    arguments and of its results. A read of a tensor's value on the host (``.item()``,
+    ``float()``, ``bool()``) shows as ``_local_scalar_dense``; ``.tolist()`` and ops whose
+    result's size depends on values (``nonzero``, a boolean mask), which on a GPU wait for it
+    too, do not."""
 
     def __init__(self) -> None:
         super().__init__()

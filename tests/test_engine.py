@@ -1,5 +1,7 @@
 """The training step under each precision and device, on a tiny network."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from conftest import AtenCalls
@@ -65,19 +67,34 @@ def test_last_steps_gradients_are_freed_before_the_forward():
     assert all(p.grad is not None for p in model.parameters())  # so the check above can fail
 
 
+def host_reads_by_step(model: nn.Module, work: Callable[[], object]) -> tuple[int, set[int]]:
+    """The forwards of ``model`` that ``work`` runs, and after how many of them it reads a
+    tensor's value on the host."""
+    with AtenCalls() as ops:
+        hook = model.register_forward_pre_hook(lambda *_: ops.calls.append(("step", set(), set())))
+        work()
+    hook.remove()
+    names = [name for name, _, _ in ops.calls]
+    return names.count("step"), {names[:i].count("step") for i, name in enumerate(names)
+                                 if name.startswith("_local_scalar_dense")}  # fmt: skip
+
+
 def test_the_loop_reads_values_on_the_host_only_every_ten_steps():
     """On a GPU each such read waits for all the work queued so far, and the GPU then idles
-    while the host queues the next: so only every 10th step, the epoch's last, and its end."""
+    while the host queues the next: so training reads only every 10th step, the epoch's last
+    and at its end; validation only at its end."""
     model, _ = tiny_problem("cpu")
     images = torch.zeros(23, 8, 10, 3, dtype=torch.uint8)
     batches = DeviceBatches(images, images[..., 0], 1, mean=[0.0] * 3, std=[1.0] * 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with AtenCalls() as ops:
-        model.register_forward_pre_hook(lambda *_: ops.calls.append(("step", set(), set())))
-        train_one_epoch(model, batches, optimizer, build_loss(compose().loss, class_weights=None))
-    names = [name for name, _, _ in ops.calls]
-    read_after = {names[:i].count("step") for i, n in enumerate(names) if n.startswith("_local_s")}
-    assert names.count("step") == 23 and read_after == {10, 20, 23}
+    loss_fn = build_loss(compose().loss, class_weights=None)
+    training = host_reads_by_step(
+        model, lambda: train_one_epoch(model, batches, optimizer, loss_fn)
+    )
+    assert training == (23, {10, 20, 23})
+    assert host_reads_by_step(model, lambda: evaluate(model, batches, loss_fn, 3, "fp32")) == (
+        23, {23}
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("norm", ["bn", "agc"])
