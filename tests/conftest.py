@@ -71,6 +71,10 @@ class AtenCalls(TorchDispatchMode):
         self.calls.append((func.__name__, _devices((args, kwargs)), _devices(out)))
         return out
 
+    def mark(self, name: str) -> None:
+        """A call named ``name`` with no tensors, to tell where the ops around it ran."""
+        self.calls.append((name, set(), set()))
+
     def crossings(self, source: str, target: str) -> list[str]:
         """The ops that took tensors on ``source`` and made ones on ``target``: copies."""
         return [name for name, takes, makes in self.calls if source in takes and target in makes]

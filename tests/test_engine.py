@@ -71,7 +71,7 @@ def host_reads_by_step(model: nn.Module, work: Callable[[], object]) -> tuple[in
     """The forwards of ``model`` that ``work`` runs, and after how many of them it reads a
     tensor's value on the host."""
     with AtenCalls() as ops:
-        hook = model.register_forward_pre_hook(lambda *_: ops.calls.append(("step", set(), set())))
+        hook = model.register_forward_pre_hook(lambda *_: ops.mark("step"))
         work()
     hook.remove()
     names = [name for name, _, _ in ops.calls]

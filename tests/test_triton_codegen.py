@@ -25,6 +25,7 @@ import torch
 
 N, C, HW = 8, 64, 256 * 512  # SegNet's first layer at batch 8, channels_last
 STRIDES = {"s_n": HW * C, "s_hw": C, "s_c": 1}
+VALUES = {"N": N, "C": C, "HW": HW, "rows": 1024, **STRIDES}  # the integer arguments
 ACTIVATIONS = ("a_ptr", "out_ptr", "y_ptr", "g_ptr", "grad_ptr")
 # activations as each compile says, the rest fp32
 POINTER_TYPES = {"counts_ptr": "*i32", "kept_ptr": "*i32"}
@@ -161,7 +162,6 @@ def compile_for_sm90(kernel, constants: dict, activations: str = "*bf16", num_wa
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    values = {"N": N, "C": C, "HW": HW, "rows": 1024, **STRIDES}
     signature, attrs, constexprs = {}, {}, dict(constants)
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -172,11 +172,11 @@ def compile_for_sm90(kernel, constants: dict, activations: str = "*bf16", num_wa
         elif name.endswith("_ptr"):
             signature[name] = POINTER_TYPES.get(name, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif values[name] == 1:  # Triton's JIT makes arguments equal to 1 constants
+        elif VALUES[name] == 1:  # Triton's JIT makes arguments equal to 1 constants
             signature[name], constexprs[name] = "constexpr", 1
         else:
             signature[name] = "i32"
-            if values[name] % 16 == 0:
+            if VALUES[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
@@ -187,14 +187,14 @@ def compile_for_sm90(kernel, constants: dict, activations: str = "*bf16", num_wa
 def compile_report() -> dict:
     from deepcontrol.nn import triton_agc
 
-    values = {"N": N, "C": C, "HW": HW, "rows": 1024, **STRIDES}
     tiles = {"BLOCK_HW": 64, "BLOCK_C": 64}
-    sums = tiles | {"BLOCK_N": triton_agc.BLOCK_N, "FINISH": triton_agc.FINISH, "BITS": 32}
+    bits = {"BITS": triton_agc._bits_per_word(tiles["BLOCK_C"])}
+    sums = tiles | bits | {"BLOCK_N": triton_agc.BLOCK_N, "FINISH": triton_agc.FINISH}
     kernels = {
         "sums": (triton_agc._sums_kernel, sums | {"GRAD": False}, "*bf16"),
         "sums, grad": (triton_agc._sums_kernel, sums | {"GRAD": True}, "*bf16"),
         "agc relu": (triton_agc._agc_relu_kernel, tiles, "*bf16"),
-        "agc relu, grad": (triton_agc._agc_relu_grad_kernel, tiles | {"BITS": 32}, "*bf16"),
+        "agc relu, grad": (triton_agc._agc_relu_grad_kernel, tiles | bits, "*bf16"),
         "agc relu, fp16": (triton_agc._agc_relu_kernel, tiles, "*fp16"),
     }  # fmt: skip
     report = {}
@@ -207,7 +207,7 @@ def compile_report() -> dict:
         arguments = {
             name: torch.zeros(1, dtype=dtypes[kind])
             if kind in dtypes
-            else constexprs.get(name, values.get(name))
+            else constexprs.get(name, VALUES.get(name))
             for name, kind in signature.items()
         }
         report[label] = {

@@ -34,20 +34,21 @@ def load_kernels(path: str):
     return module
 
 
-def with_bits(kernel, constants: dict, bits: int) -> dict:
+def with_bits(kernel, constants: dict) -> dict:
     """``constants``, with the bits' width where ``kernel`` takes it (the kernels before do not)."""
+    bits = triton_agc._bits_per_word(constants["BLOCK_C"])
     return constants | ({"BITS": bits} if "BITS" in kernel.arg_names else {})
 
 
 def per_element(module) -> str:
     sums = module._sums_kernel
     sums_constants = TILE | {"BLOCK_N": module.BLOCK_N, "FINISH": module.FINISH, "GRAD": True}
-    compiled = codegen.compile_for_sm90(sums, with_bits(sums, sums_constants, 32),
+    compiled = codegen.compile_for_sm90(sums, with_bits(sums, sums_constants),
                                         num_warps=module.SUMS_WARPS)[0]  # fmt: skip
     sums_loop = codegen.largest_loop(compiled.asm["cubin"]) / (64 * 64 / (32 * module.SUMS_WARPS))
     grad = module._agc_relu_grad_kernel
     warps = module.ELEMENTWISE_WARPS
-    compiled = codegen.compile_for_sm90(grad, with_bits(grad, TILE, 32), num_warps=warps)[0]
+    compiled = codegen.compile_for_sm90(grad, with_bits(grad, TILE), num_warps=warps)[0]
     grad_pass = codegen.machine_instructions(compiled.asm["cubin"]) / (64 * 64 / (32 * warps))
     return (f"backward pass {grad_pass:.1f} instructions per element ({warps} warps); "
             f"backward sums' loop {sums_loop:.1f} ({module.SUMS_WARPS} warps)")  # fmt: skip
@@ -59,7 +60,7 @@ def main() -> None:
     for channels in (1, 2, 3, 5, 12, 16, 33, 64, 80):
         block_hw, block_c, _ = triton_agc._blocks(channels)
         sums_hw = triton_agc._blocks(channels, triton_agc.SUMS_TILE)[0]
-        bits = min(32, block_c)
+        bits = triton_agc._bits_per_word(block_c)
         sums = {"BLOCK_HW": sums_hw, "BLOCK_C": block_c, "BLOCK_N": triton_agc.BLOCK_N,
                 "FINISH": triton_agc.FINISH, "BITS": bits}  # fmt: skip
         for constants, kernel, warps in (

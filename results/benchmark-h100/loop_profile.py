@@ -31,6 +31,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 
@@ -82,14 +83,16 @@ def garbage_collections() -> Iterator[dict]:
         gc.callbacks.remove(callback)
 
 
+def step_on(loop: TrainingLoop, images: torch.Tensor, labels: torch.Tensor,
+            contours: torch.Tensor | None) -> None:  # fmt: skip
+    """One bare SGD step of the loop's model on a batch, as ``train_one_epoch`` makes it."""
+    sgd_step(loop.step_model, loop.optimizer, loop.loss_fn, images, labels, contours,
+             loop.setting.precision)  # fmt: skip
+
+
 def bare_step(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
-    images, labels, contours = next(iter(loop.train))
+    step = partial(step_on, loop, *next(iter(loop.train)))
     loop.step_model.train()
-
-    def step() -> None:
-        sgd_step(loop.step_model, loop.optimizer, loop.loss_fn, images, labels, contours,
-                 loop.setting.precision)  # fmt: skip
-
     for _ in range(cfg.warmup):
         step()
     times = step_times(step, cfg.loop_steps, device)
@@ -110,9 +113,8 @@ def bare_step(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
 def loop_parts(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
     def steps_over_batches() -> None:
         loop.step_model.train()
-        for images, labels, contours in loop.train:
-            sgd_step(loop.step_model, loop.optimizer, loop.loss_fn, images, labels, contours,
-                     loop.setting.precision)  # fmt: skip
+        for batch in loop.train:
+            step_on(loop, *batch)
 
     def without_gc(work: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:

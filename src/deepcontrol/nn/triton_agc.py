@@ -309,12 +309,17 @@ def _blocks(channels: int, tile: int | None = None) -> tuple[int, int, int]:
     return (TILE if tile is None else tile) // block_c, block_c, _cdiv(channels, block_c)
 
 
+def _bits_per_word(block_c: int) -> int:
+    """The ReLU's kept bits per int32 word (``_kept_words``) for channel blocks of
+    ``block_c``: 32, or the block's channels where fewer, so that a word never spans two."""
+    return min(32, block_c)
+
+
 def _kept_bits(t: torch.Tensor, block_c: int) -> tuple[torch.Tensor, int]:
     """An empty (N, H·W, ⌈C / bits⌉) int32 tensor for the ReLU's kept bits of ``t`` (see
-    ``_kept_words``), and its bits per word: 32, or the ``block_c`` channels of a channel
-    block where fewer, so that a word never spans two blocks."""
+    ``_kept_words``), and its bits per word (``_bits_per_word``)."""
     n, c, h, w = t.shape
-    bits = min(32, block_c)
+    bits = _bits_per_word(block_c)
     return torch.empty((n, h * w, _cdiv(c, bits)), device=t.device, dtype=torch.int32), bits
 
 
