@@ -33,6 +33,7 @@ from torch.autograd.profiler_util import EventList
 
 from deepcontrol.atomic import write_atomic
 from deepcontrol.config import compose
+from deepcontrol.data.cityscapes import CLASS_NAMES
 from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.engine import autocast, evaluate, sgd_step, train_one_epoch
 from deepcontrol.figure1 import figure1_runs
@@ -50,6 +51,7 @@ MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="re
 COMPILE_MODES = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
 TARGET_BATCHES = (1, 8)  # where issue 4's targets are judged
 PAPER_NORMS = ("bn", "agc")  # the norms the paper compares
+NUM_CLASSES = len(CLASS_NAMES)  # Cityscapes' 19, which the paper trains on
 
 
 class Figure1Runs(NamedTuple):
@@ -154,7 +156,7 @@ class Config:
 
 
 def build(norm: str, device: torch.device, network: str = "segnet") -> nn.Module:
-    model = MODELS[network](num_classes=19, norm="agc" if norm in AGC_KERNELS else norm)
+    model = MODELS[network](num_classes=NUM_CLASSES, norm="agc" if norm in AGC_KERNELS else norm)
     model = model.to(device)
     if norm in AGC_KERNELS:
         use_agc_kernels(model, AGC_KERNELS[norm])
@@ -218,7 +220,7 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
     step_model = run_as(model, setting.mode)
     loss_fn = training_loss()
     images = random_images(setting, cfg, device)
-    labels = torch.randint(0, 19, (setting.batch, cfg.height, cfg.width), device=device)
+    labels = torch.randint(0, NUM_CLASSES, (setting.batch, cfg.height, cfg.width), device=device)
     contours = (torch.rand(setting.batch, cfg.height, cfg.width, device=device) < 0.1).float()
 
     def step() -> None:
@@ -432,7 +434,7 @@ class TrainingLoop:
                         self.setting.precision)  # fmt: skip
 
     def validate(self) -> None:
-        evaluate(self.model, self.val, self.loss_fn, 19, self.setting.precision)
+        evaluate(self.model, self.val, self.loss_fn, NUM_CLASSES, self.setting.precision)
 
     def epoch(self) -> None:
         self.train_epoch()
@@ -448,7 +450,7 @@ def training_loop(setting: Setting, cfg: Config, device: torch.device) -> Traini
 
     def split(n: int, batch_size: int, shuffle: bool) -> DeviceBatches:
         images = torch.randint(0, 256, (n, cfg.height, cfg.width, 3), dtype=torch.uint8)
-        labels = torch.randint(0, 19, (n, cfg.height, cfg.width), dtype=torch.uint8)
+        labels = torch.randint(0, NUM_CLASSES, (n, cfg.height, cfg.width), dtype=torch.uint8)
         return DeviceBatches(images, labels, batch_size, [128.0] * 3, [1.0] * 3,
                              shuffle=shuffle, device=device)  # fmt: skip
 
