@@ -10,7 +10,7 @@ import argparse
 import torch
 from torch import nn
 
-from deepcontrol.data.cityscapes import CLASS_NAMES
+from deepcontrol.data.registry import get_format
 from deepcontrol.models import ClassNet, SegNet
 
 
@@ -40,7 +40,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, cls in (("SegNet", SegNet), ("ClassNet", ClassNet)):
         for norm in ("bn", "agc"):
-            model = cls(num_classes=len(CLASS_NAMES), norm=norm)
+            model = cls(num_classes=get_format("cityscapes").num_classes, norm=norm)
             params = sum(p.numel() for p in model.parameters())
             convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
             macs = conv_macs(model, args.height, args.width) / 1e9

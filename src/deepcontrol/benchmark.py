@@ -33,8 +33,8 @@ from torch.autograd.profiler_util import EventList
 
 from deepcontrol.atomic import write_atomic
 from deepcontrol.config import compose
-from deepcontrol.data.cityscapes import CLASS_NAMES
 from deepcontrol.data.loader import DeviceBatches
+from deepcontrol.data.registry import get_format
 from deepcontrol.engine import autocast, evaluate, sgd_step, train_one_epoch
 from deepcontrol.figure1 import figure1_runs
 from deepcontrol.losses import LossFn, build_loss
@@ -51,7 +51,7 @@ MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="re
 COMPILE_MODES = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
 TARGET_BATCHES = (1, 8)  # where issue 4's targets are judged
 PAPER_NORMS = ("bn", "agc")  # the norms the paper compares
-NUM_CLASSES = len(CLASS_NAMES)  # Cityscapes' 19, which the paper trains on
+NUM_CLASSES = get_format("cityscapes").num_classes  # the 19 the paper trains on
 
 
 class Figure1Runs(NamedTuple):
