@@ -66,9 +66,8 @@ def reductions(layers: list[tuple]) -> Callable[[], list]:
             strides, counts = kernels._strides(y), kernels._counters(y)
             sums = kernels._sums(y, strides, counts)
             param_grads = tuple(torch.empty_like(p) for p in (lam, gamma, beta))
-            kept = kernels._kept_bits(out, kernels._tiles(out)[2])  # as the backward makes it
             found.append((sums, kernels._sums(grad, strides, counts, out, beta, sums[0], gamma,
-                                              param_grads, kept)))  # fmt: skip
+                                              param_grads)))  # fmt: skip
         return found
 
     return run

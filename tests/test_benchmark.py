@@ -456,10 +456,10 @@ def test_agc_kernels_bandwidth_is_their_traffic_over_their_time():
     events = [SimpleNamespace(key=key, self_device_time_total=us, device_type=device)
               for key, us, device in kernels + wrappers]  # fmt: skip
     lines = benchmark.agc_kernel_bandwidth(events, activation_bytes=10**9, steps=3)
-    # sums: 3 GB a step in 1 ms; the backward pass: 2 GB in 0.5 ms; the forward pass: absent
+    # sums: 3 GB a step in 1 ms; the backward pass: 3 GB in 0.5 ms; the forward pass: absent
     assert lines == [
         "_sums_kernel: 1.000 ms per step for 3.000 GB, 3000 GB/s",
-        "_agc_relu_grad_kernel: 0.500 ms per step for 2.000 GB, 4000 GB/s",
+        "_agc_relu_grad_kernel: 0.500 ms per step for 3.000 GB, 6000 GB/s",
     ]
 
 

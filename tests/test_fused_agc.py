@@ -210,8 +210,8 @@ def test_a_channel_with_zero_gain_gets_no_gain_gradient_and_no_nan():
 def test_a_nan_spreads_as_in_the_reference():
     """A NaN in a map makes its mean NaN, so the whole map's output and gradients are NaN, and
     its channel's parameter gradients; training's divergence check sees it in the loss. The
-    fused backward masks the gradient with bits of ``out <= 0``, which a NaN output is not,
-    as torch.relu's backward passes it."""
+    fused backward masks the gradient where ``out <= 0``, which a NaN output is not, as
+    torch.relu's backward passes it."""
     generator = torch.Generator().manual_seed(9)
     y = (torch.randn(2, 3, 6, 5, generator=generator) + 0.3).to(DEVICE)
     upstream = torch.randn(2, 3, 6, 5, generator=generator).to(DEVICE)

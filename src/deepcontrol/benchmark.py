@@ -246,10 +246,8 @@ def validation_pass(setting: Setting, cfg: Config, device: torch.device) -> Call
 
 # Activation-sized bytes each AGC kernel moves per training step, in units of its layers'
 # input: the sums (forward: y; backward: ∂L/∂out and out), the forward pass (y in, out out)
-# and the backward pass (∂L/∂out in, ∂L/∂y out). Left out: the ReLU's kept bits, which the
-# backward sums write and the backward pass reads, a 16th of a pass in bf16 (a 32nd in
-# float32) each way. See deepcontrol.nn.triton_agc.
-AGC_KERNEL_PASSES = {"_sums_kernel": 3, "_agc_relu_kernel": 2, "_agc_relu_grad_kernel": 2}
+# and the backward pass (∂L/∂out and out in, ∂L/∂y out). See deepcontrol.nn.triton_agc.
+AGC_KERNEL_PASSES = {"_sums_kernel": 3, "_agc_relu_kernel": 2, "_agc_relu_grad_kernel": 3}
 
 
 def agc_inputs(setting: Setting, cfg: Config, device: torch.device) -> list[torch.Tensor]:

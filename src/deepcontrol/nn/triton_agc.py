@@ -2,16 +2,13 @@
 
 Four passes over activation-sized memory per layer and step, the fewest the fused function
 allows: forward, one read of ``y`` for the sums and one read of ``y`` and write of ``out``;
-backward, one read of ``∂L/∂out`` and ``out`` for the sums, which also writes ``[out > 0]``
-as bits, and one more read of ``∂L/∂out`` and the bits to write ``∂L/∂y``. Reading the bits
-rather than ``out`` again saves that pass a third of its bytes; the bits live only through
-the layer's backward. Each pass is one kernel, and the per-(sample, channel) arithmetic
-happens inside them: a reduction's chunks add up in the program that finishes last (a
-counter per sample and channel block says which), and in the backward the last sample to
-finish computes λ, γ and β's gradients. So a layer launches two kernels forward and two
-backward, plus one fill of its counters; in eager mode at batch 1 launches, not memory,
-bound the step. The last program adds the chunks in a fixed order, so results do not
-depend on which one it is.
+backward, one read of ``∂L/∂out`` and ``out`` for the sums and one more of both to write
+``∂L/∂y``. Each pass is one kernel, and the per-(sample, channel) arithmetic happens inside
+them: a reduction's chunks add up in the program that finishes last (a counter per sample
+and channel block says which), and in the backward the last sample to finish computes λ, γ
+and β's gradients. So a layer launches two kernels forward and two backward, plus one fill
+of its counters; in eager mode at batch 1 launches, not memory, bound the step. The last
+program adds the chunks in a fixed order, so results do not depend on which one it is.
 Sums and the backward are float32 whatever the activations' dtype; the forward rounds as
 PyTorch's eq. (1) does, so that both zero the same outputs.
 
@@ -90,16 +87,16 @@ def _param(ptr, c, c_ok, dtype: tl.constexpr):
 @triton.jit
 def _tile(C, HW, s_n, s_hw, s_c, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's sample ``n``, channels ``c`` (and mask) in the elementwise kernels'
-    (N, C blocks, HW blocks) grid, its tile's positions ``hw``, and the tile's element offsets
-    and mask. The HW blocks run last to first: the reduction before read the last positions
-    last, so they may still be in L2."""
+    (N, C blocks, HW blocks) grid, and its tile's element offsets and mask. The HW blocks run
+    last to first: the reduction before read the last positions last, so they may still be
+    in L2."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     block = tl.num_programs(2) - 1 - tl.program_id(2)
     hw = (block * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
     c_ok = c < C
     at = n * s_n + hw[:, None] * s_hw + c[None, :] * s_c
-    return n, c, c_ok, hw, at, (hw < HW)[:, None] & c_ok[None, :]
+    return n, c, c_ok, at, (hw < HW)[:, None] & c_ok[None, :]
 
 
 @triton.jit
@@ -113,19 +110,6 @@ def _last_to_arrive(counts_ptr, index, expected):
     if last:
         tl.store(counts_ptr + index, 0)
     return last
-
-
-@triton.jit
-def _bit_or(a, b):
-    return a | b
-
-
-@triton.jit
-def _kept_words(n, hw, word, HW, C, BITS: tl.constexpr):
-    """Offsets of words ``word`` at positions ``hw`` of sample ``n`` in the ReLU's kept bits,
-    an (N, H·W, ⌈C / BITS⌉) int32 tensor: bit ``c % BITS`` of word ``c // BITS`` is 1 where
-    channel c's output is not at most 0 (so NaN passes its gradient, as torch.relu's does)."""
-    return (n * HW + hw[:, None]) * tl.cdiv(C, BITS) + word[None, :]
 
 
 @triton.jit
@@ -174,16 +158,14 @@ def _param_grads(
 @triton.jit
 def _sums_kernel(
     a_ptr, out_ptr, bias_ptr, partial_ptr, sums_ptr, counts_ptr,
-    y_sums_ptr, gamma_ptr, grad_lam_ptr, grad_gamma_ptr, grad_beta_ptr, kept_ptr,
+    y_sums_ptr, gamma_ptr, grad_lam_ptr, grad_gamma_ptr, grad_beta_ptr,
     N, C, HW, rows, s_n, s_hw, s_c,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, FINISH: tl.constexpr,
-    BITS: tl.constexpr, GRAD: tl.constexpr,
+    GRAD: tl.constexpr,
 ):  # fmt: skip
     """Per-(sample, channel) sums over H·W into ``sums[k, n, c]``. Forward (``GRAD=False``):
     ``Σ a`` with ``a = y``. Backward: ``Σ g`` (k = 0) and ``Σ g·(out - β)`` (k = 1) with
-    ``g = a·[out > 0]``, ``a = ∂L/∂out``, and then λ, γ and β's gradients; and ``[out > 0]``
-    into ``kept`` as bits (``_kept_words``), which ``_agc_relu_grad_kernel`` reads in place of
-    ``out``: a 16th of out's bytes in bf16.
+    ``g = a·[out > 0]``, ``a = ∂L/∂out``, and then λ, γ and β's gradients.
 
     Each program sums one chunk of ``rows`` positions into ``partial[k, chunk, n, c]``; the
     last chunk of a (sample, channel block) to finish adds the chunks up, and in the backward
@@ -209,11 +191,6 @@ def _sums_kernel(
             o = tl.load(out_ptr + at, mask=ok, other=0.0).to(tl.float32)
             a = tl.where(o <= 0, 0.0, a)
             dot += a * (o - beta)
-            bits = tl.where(o <= 0, 0, 1) << (tl.arange(0, BLOCK_C) % BITS)[None, :]
-            words = tl.reduce(tl.reshape(bits, (BLOCK_HW, BLOCK_C // BITS, BITS)), 2, _bit_or)
-            word = block * (BLOCK_C // BITS) + tl.arange(0, BLOCK_C // BITS)
-            word_ok = (hw < HW)[:, None] & (word * BITS < C)[None, :]
-            tl.store(kept_ptr + _kept_words(n, hw, word, HW, C, BITS), words, mask=word_ok)
         total += a
     slot = (chunk * N + n) * C + c  # in partial[k, chunk, n, c]
     tl.store(partial_ptr + slot, tl.sum(total, axis=0), mask=c_ok)
@@ -239,7 +216,7 @@ def _agc_relu_kernel(
 ):  # fmt: skip
     """One tile of eq. (1) and the ReLU, ``relu((y - λ·mean)·γ + β)``, rounded to ``out``'s
     dtype after each operation as PyTorch computes the reference."""
-    n, c, c_ok, hw, at, ok = _tile(C, HW, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C)
+    n, c, c_ok, at, ok = _tile(C, HW, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C)
     dtype = out_ptr.dtype.element_ty
     mean = _rounded(tl.load(sums_ptr + n * C + c, mask=c_ok, other=0.0) / HW, dtype)
     lam = _param(lam_ptr, c, c_ok, dtype)
@@ -258,22 +235,21 @@ def _agc_relu_kernel(
 
 @triton.jit
 def _agc_relu_grad_kernel(
-    g_ptr, kept_ptr, grad_ptr, gsums_ptr, lam_ptr, gamma_ptr,
+    g_ptr, out_ptr, grad_ptr, gsums_ptr, lam_ptr, gamma_ptr,
     C, HW, s_n, s_hw, s_c,
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """One tile of ``∂L/∂y = γ·g - γλ·mean_HW(g)`` with ``g = ∂L/∂out·[out > 0]``; ``gsums``
-    holds ``Σ_HW g`` per (sample, channel), ``kept`` the bits ``[out > 0]`` (``_kept_words``)."""
-    n, c, c_ok, hw, at, ok = _tile(C, HW, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C)
+    holds ``Σ_HW g`` per (sample, channel)."""
+    n, c, c_ok, at, ok = _tile(C, HW, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C)
     dtype = grad_ptr.dtype.element_ty
     lam = _param(lam_ptr, c, c_ok, dtype)
     gamma = _param(gamma_ptr, c, c_ok, dtype)
     g_sum = tl.load(gsums_ptr + n * C + c, mask=c_ok, other=0.0)
     shift = (-gamma * lam * g_sum / HW)[None, :]
     g = tl.load(g_ptr + at, mask=ok, other=0.0)
-    words = tl.load(kept_ptr + _kept_words(n, hw, c // BITS, HW, C, BITS), mask=ok, other=0)
-    kept = (words >> (c % BITS)[None, :]) & 1
-    res = tl.where(kept == 0, 0.0, g.to(tl.float32) * gamma[None, :]) + shift
+    o = tl.load(out_ptr + at, mask=ok, other=0.0)
+    res = tl.where(o <= 0, 0.0, g.to(tl.float32) * gamma[None, :]) + shift
     res = _rounded(res, dtype).to(dtype)
     tl.store(grad_ptr + at, res, mask=ok)
 
@@ -309,20 +285,6 @@ def _blocks(channels: int, tile: int | None = None) -> tuple[int, int, int]:
     return (TILE if tile is None else tile) // block_c, block_c, _cdiv(channels, block_c)
 
 
-def _bits_per_word(block_c: int) -> int:
-    """The ReLU's kept bits per int32 word (``_kept_words``) for channel blocks of
-    ``block_c``: 32, or the block's channels where fewer, so that a word never spans two."""
-    return min(32, block_c)
-
-
-def _kept_bits(t: torch.Tensor, block_c: int) -> tuple[torch.Tensor, int]:
-    """An empty (N, H·W, ⌈C / bits⌉) int32 tensor for the ReLU's kept bits of ``t`` (see
-    ``_kept_words``), and its bits per word (``_bits_per_word``)."""
-    n, c, h, w = t.shape
-    bits = _bits_per_word(block_c)
-    return torch.empty((n, h * w, _cdiv(c, bits)), device=t.device, dtype=torch.int32), bits
-
-
 def _tiles(t: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
     """The grid of ``_agc_relu_kernel`` and ``_agc_relu_grad_kernel`` over ``t``, and blocks."""
     n, c, h, w = t.shape
@@ -356,11 +318,10 @@ def _sums(
     y_sums: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     param_grads: tuple[torch.Tensor, ...] = (),
-    kept: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """``_sums_kernel`` over ``a`` (and ``out``), both read with ``strides``: (1, N, C)
-    float32 sums forward; backward (with ``out`` and the rest), (2, N, C), λ, γ and β's
-    gradients written into ``param_grads``, and out's kept bits into ``kept`` (``_kept_bits``)."""
+    float32 sums forward; backward (with ``out`` and the rest), (2, N, C), and λ, γ and β's
+    gradients written into ``param_grads``."""
     n, c, h, w = a.shape
     block_hw, block_c, c_blocks = _blocks(c, SUMS_TILE)
     chunks, rows = _chunks(n, c_blocks, block_hw, h * w)
@@ -368,13 +329,12 @@ def _sums(
     partial = torch.empty((2 if grad else 1, chunks, n, c), device=a.device, dtype=torch.float32)
     sums = torch.empty((2 if grad else 1, n, c), device=a.device, dtype=torch.float32)
     unused = partial  # a pointer for the arguments only the backward reads
-    kept_words, bits = kept if grad else (unused, 1)
     _sums_kernel[(n, c_blocks, chunks)](
         a, out if grad else a, bias if grad else unused, partial, sums, counts,
-        *((y_sums, weight, *param_grads) if grad else (unused,) * 5), kept_words,
+        *((y_sums, weight, *param_grads) if grad else (unused,) * 5),
         n, c, h * w, rows, *strides,
-        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_N=BLOCK_N, FINISH=FINISH, BITS=bits,
-        GRAD=grad, num_warps=SUMS_WARPS,
+        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_N=BLOCK_N, FINISH=FINISH, GRAD=grad,
+        num_warps=SUMS_WARPS,
     )  # fmt: skip
     return sums
 
@@ -415,15 +375,13 @@ def backward(
     grad_out = grad_out.contiguous(memory_format=_layout(out))
     strides = _strides(out)
     grads = tuple(torch.empty_like(p) for p in (mean_scale, weight, bias))
-    grid, block_hw, block_c = _tiles(out)
-    kept, bits = _kept_bits(out, block_c)
-    # [Σ_HW g, Σ_HW g·(out - β)] with g = ∂L/∂out·[out > 0], the parameters' gradients, and
-    # [out > 0] as bits, so that the last pass reads ∂L/∂out and the bits rather than out too
-    gsums = _sums(grad_out, strides, counts, out, bias, sums, weight, grads, (kept, bits))
+    # [Σ_HW g, Σ_HW g·(out - β)] with g = ∂L/∂out·[out > 0], and the parameters' gradients
+    gsums = _sums(grad_out, strides, counts, out, bias, sums, weight, grads)
     grad_y = torch.empty_like(out)  # out's strides, as out is dense
+    grid, block_hw, block_c = _tiles(out)
     _agc_relu_grad_kernel[grid](
-        grad_out, kept, grad_y, gsums, mean_scale, weight, out.shape[1],
+        grad_out, out, grad_y, gsums, mean_scale, weight, out.shape[1],
         out.shape[2] * out.shape[3], *strides, BLOCK_HW=block_hw, BLOCK_C=block_c,
-        BITS=bits, num_warps=ELEMENTWISE_WARPS,
+        num_warps=ELEMENTWISE_WARPS,
     )  # fmt: skip
     return grad_y, *grads
