@@ -135,24 +135,6 @@ def machine_instructions(cubin: bytes) -> int:
     return sum(1 for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/\s+\S", line))
 
 
-def largest_loop(cubin: bytes) -> int:
-    """How many SASS instructions the largest loop body of ``cubin``'s kernel has: the most
-    between a backward branch and its target, by nvdisasm."""
-    sass = run_tool("nvdisasm", cubin, "-c").stdout
-    labels, branches, pending = {}, [], []
-    for line in sass.splitlines():
-        if label := re.match(r"\s*\.(L_x_\d+):", line):
-            pending.append(label.group(1))
-        elif at := re.match(r"\s*/\*([0-9a-f]{4})\*/\s+\S", line):
-            address = int(at.group(1), 16)
-            labels.update(dict.fromkeys(pending, address))
-            pending = []
-            if target := re.search(r"BRA\s+`\((\.?L_x_\d+)\)", line):
-                branches.append((address, target.group(1).lstrip(".")))
-    loops = [(labels[target], address) for address, target in branches if labels[target] <= address]
-    return max((end - start) // 16 + 1 for start, end in loops) if loops else 0
-
-
 def compile_for_sm90(kernel, constants: dict, activations: str = "*bf16", num_warps: int = 8):
     """``kernel`` compiled ahead of time for sm_90 with ``constants`` and Triton's JIT
     specialisation for a channels_last ``activations`` tensor of SegNet's first layer; its
@@ -215,7 +197,6 @@ def compile_report() -> dict:
             "atomics": opcodes(ptx, "atom."),
             "fused multiply-adds": opcodes(ptx, "fma."),
             "instructions": machine_instructions(compiled.asm["cubin"]),
-            "loop instructions": largest_loop(compiled.asm["cubin"]),
             "ptxas": " ".join(line.split(":", 1)[-1].strip()
                               for line in ptxas_info.splitlines() if "spill" in line),
         }  # fmt: skip
