@@ -14,6 +14,10 @@ backward as ``scripts/tune_agc_kernels.py --kernels elementwise`` does (captured
 graph and replayed, so the kernels' time, not the host's), with each module's kernels, in
 turn; checks that both give the same outputs and gradients bit for bit; and prints each
 one's ms per step and their ratio. Without a GPU it checks the results only (interpreter).
+
+Kept as the record of H100 run 4 (README, ``run4-kept-bits-ab.txt``), which found the bits
+slower in bf16 and had them reverted (576a329). It needs the kernels with the bits: run it
+from a checkout of b67a729.
 """
 
 from __future__ import annotations

@@ -5,12 +5,15 @@ AGC's bare step, against 0.92 for BN, and BN's eager batch-1 bf16 step, the proc
 measurement, at 12.37 ms where its fp32 step took 7.33. Not a test and no part of
 ``make bench``: a one-off diagnostic for the next GPU run.
 
-python results/benchmark-h100/loop_profile.py
-    1. Each of bn, none and agc's eager batch-1 bf16 step, measured twice in turn (as
-       ``make bench`` measures it): a first-measurement effect shows as a first time
-       above the second.
-    2. For bn and agc (eager at batch 8, CUDA graphs at batch 1), one training loop as
-       ``make bench``'s loop check builds it, warmed up (and compiled) by one epoch, then:
+python results/benchmark-h100/loop_profile.py [eager] [cudagraphs]
+    Both halves where neither is named. In 200 s H100 run 4 ran all of the eager half but
+    AGC's profiled epoch (``run4-loop-profile.txt``).
+    1. With eager: each of bn, none and agc's eager batch-1 bf16 step, measured twice in
+       turn (as ``make bench`` measures it): a first-measurement effect shows as a first
+       time above the second.
+    2. For bn and agc in each mode named (eager at batch 8, CUDA graphs at batch 1), one
+       training loop as ``make bench``'s loop check builds it, warmed up (and compiled) by
+       one epoch, then:
        - its bare step on one of its batches, back to back as the report times it, with
          the median (the report's), the mean (what a loop adds up), the 90th percentile
          and the maximum; and the host's time to issue one step onto an idle device;
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -155,9 +159,14 @@ def profiled_epoch(loop: TrainingLoop, cfg: Config, device: torch.device) -> Non
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config() if device.type == "cuda" else Config.reduced()
-    first_steps(cfg, device, 1)
-    modes = [("eager", 8), ("cudagraphs", 1)] if device.type == "cuda" else [("eager", 2)]
-    for mode, batch in modes:
+    named = sys.argv[1:] or ["eager", "cudagraphs"]
+    if "eager" in named:
+        first_steps(cfg, device, 1)
+    batches = {"eager": 8, "cudagraphs": 1} if device.type == "cuda" else {"eager": 2}
+    for mode in named:
+        if mode not in batches:
+            raise SystemExit(f"loop_profile.py: no mode {mode!r} here; expected {list(batches)}")
+        batch = batches[mode]
         for norm in ("bn", "agc"):
             setting = Setting(norm, batch, "bf16", mode)
             print(f"\n## {_label(setting)}", flush=True)
