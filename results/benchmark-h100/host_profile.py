@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,26 +40,13 @@ if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn i
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import tune_agc_kernels as tuner  # noqa: E402
+from loop_profile import host_ms  # noqa: E402  (this folder, the script's)
 
 from deepcontrol.benchmark import Config, Setting, agc_inputs, step_times, training_step  # noqa: E402
 from deepcontrol.nn import triton_agc  # noqa: E402
 from deepcontrol.nn.fused_agc import AGCReLUFunction  # noqa: E402
 
 KERNELS = ("_sums_kernel", "_agc_relu_kernel", "_agc_relu_grad_kernel")
-
-
-def host_ms(work: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
-    """The median milliseconds the host takes to issue ``work`` onto an idle device."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        work()
-        times.append(1000 * (time.perf_counter() - started))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return statistics.median(times)
 
 
 def whole_steps(cfg: Config, device: torch.device, precision: str, batches: tuple) -> None:
@@ -92,25 +78,30 @@ class TimedLaunches:
         return timed
 
 
+def leaves(y: torch.Tensor, *params: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of ``y`` and ``params`` that autograd differentiates, made once, as a model's
+    parameters and a conv's output are there before the step."""
+    return [t.detach().clone().requires_grad_() for t in (y, *params)]
+
+
 def per_layer(inputs: list[torch.Tensor], device: torch.device, repeats: int = 10) -> None:
     layers = tuner.random_layers(inputs)
+    bn_layers = []  # (y, γ, β), BN's running mean and variance, ∂L/∂out
+    for y, _, grad, _ in layers:
+        c = y.shape[1]
+        ones, zeros = torch.ones(c, device=device), torch.zeros(c, device=device)
+        bn_layers.append((leaves(y, ones, zeros), (zeros.clone(), ones.clone()), grad))
+    agc_layers = [(leaves(y, *params), grad) for y, _, grad, params in layers]
 
     def bn_relu() -> None:
-        for y, _, grad, _ in layers:
-            y = y.detach().requires_grad_()
-            c = y.shape[1]
-            weight = torch.ones(c, device=device, requires_grad=True)
-            bias = torch.zeros(c, device=device, requires_grad=True)
-            running = torch.zeros(c, device=device), torch.ones(c, device=device)
+        for (y, weight, bias), running, grad in bn_layers:
             out = F.relu(F.batch_norm(y, *running, weight, bias, training=True))
             torch.autograd.grad(out, (y, weight, bias), grad)
 
     def agc_autograd() -> None:
-        for y, _, grad, params in layers:
-            y = y.detach().requires_grad_()
-            params = [p.detach().requires_grad_() for p in params]
-            out = AGCReLUFunction.apply(y, *params)
-            torch.autograd.grad(out, (y, *params), grad)
+        for differentiated, grad in agc_layers:
+            out = AGCReLUFunction.apply(*differentiated)
+            torch.autograd.grad(out, differentiated, grad)
 
     def agc_direct() -> None:
         for y, _, grad, params in layers:

@@ -66,6 +66,20 @@ def first_steps(cfg: Config, device: torch.device, batch: int) -> None:
                   f"{result.ms_per_step:.2f} ms {result.error}", flush=True)  # fmt: skip
 
 
+def host_ms(work: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
+    """The median milliseconds the host takes to issue ``work`` onto an idle device."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        work()
+        times.append(1000 * (time.perf_counter() - started))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
 @contextlib.contextmanager
 def garbage_collections() -> Iterator[dict]:
     """Python's garbage collections while the block runs: how many of each generation, and
@@ -101,17 +115,10 @@ def bare_step(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
         step()
     times = step_times(step, cfg.loop_steps, device)
     p90 = statistics.quantiles(times, n=10, method="inclusive")[-1]
-    issue = []  # the host's time to queue one step while the device has nothing else queued
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        step()
-        issue.append(1000 * (time.perf_counter() - started))
     # the median as the report takes it, the mean as the loop's time adds up
     print(f"bare step, {len(times)} back to back: median {statistics.median(times):.2f} ms, "
           f"mean {statistics.mean(times):.2f}, 90th percentile {p90:.2f}, max {max(times):.2f}; "
-          f"host time to issue one step {statistics.median(issue):.2f} ms", flush=True)  # fmt: skip
+          f"host time to issue one step {host_ms(step, device, 5):.2f} ms", flush=True)  # fmt: skip
 
 
 def loop_parts(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
