@@ -30,7 +30,9 @@ COLOURS = {
 CITIES = {"train": ("aachen", "bremen", "jena"), "val": ("lindau",)}
 
 
-def street_scene(rng: np.random.Generator, height: int, width: int):
+def street_scene(
+    rng: np.random.Generator, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One random frame: (RGB uint8 image, labelIds uint8, instanceIds uint16)."""
     labels = np.full((height, width), SKY, np.uint8)
     instances = np.zeros((height, width), np.uint16)
