@@ -26,10 +26,10 @@ from __future__ import annotations
 import cProfile
 import os
 import pstats
-import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,22 +42,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import tune_agc_kernels as tuner  # noqa: E402
 from loop_profile import host_ms  # noqa: E402  (this folder, the script's)
 
-from deepcontrol.benchmark import Config, Setting, agc_inputs, step_times, training_step  # noqa: E402
+from deepcontrol.benchmark import (  # noqa: E402
+    Config,
+    Result,
+    Setting,
+    agc_inputs,
+    measure_step,
+    training_step,
+)
 from deepcontrol.nn import triton_agc  # noqa: E402
 from deepcontrol.nn.fused_agc import AGCReLUFunction  # noqa: E402
 
 KERNELS = ("_sums_kernel", "_agc_relu_kernel", "_agc_relu_grad_kernel")
 
 
+def measured_step(
+    setting: Setting, cfg: Config, device: torch.device
+) -> tuple[Result, Callable[[], None] | None]:
+    """``measure_step``'s result for ``setting``'s training step, as the report takes it, and
+    the step it timed (None if making it failed)."""
+    made = []
+
+    def make(*args: object) -> Callable[[], None]:
+        made.append(training_step(*args))
+        return made[0]
+
+    return measure_step(setting, cfg, device, make), made[0] if made else None
+
+
 def whole_steps(cfg: Config, device: torch.device, precision: str, batches: tuple) -> None:
     for batch in batches:
         for norm in ("none", "bn", "agc"):
-            step = training_step(Setting(norm, batch, precision, "eager"), cfg, device)
-            for _ in range(cfg.warmup):
-                step()
-            back_to_back = statistics.median(step_times(step, cfg.steps, device))
+            result, step = measured_step(Setting(norm, batch, precision, "eager"), cfg, device)
+            issue = "-" if result.error else f"{host_ms(step, device):.2f} ms"
             print(f"step {norm:4s} batch {batch} {precision} eager: the host issues it in "
-                  f"{host_ms(step, device):.2f} ms; back to back it takes {back_to_back:.2f} ms",
+                  f"{issue}; back to back it takes {result.ms_per_step:.2f} ms {result.error}",
                   flush=True)  # fmt: skip
 
 
