@@ -792,10 +792,13 @@ def targets(report: dict) -> list[dict]:
 def figure1_cost(report: dict, precision: str) -> dict | None:
     """GPU-hours for Figure 1's runs in ``precision``, each priced at its own network's and
     norm's best measured step at its batch and validation forward; None if a time it needs
-    failed or went unmeasured. ``per_run`` says what each run was priced at, and its share.
+    failed or went unmeasured. ``per_run`` says what each run was priced at, its share, and
+    the modes of its step still unmeasured in an unfinished report (``untimed_modes``): while
+    any are, the total is an upper bound (``upper_bound``).
 
     Each epoch of a run trains its training split at its batch and validates its validation
     split at the validation batch (as training evaluates, eager)."""
+    untimed = set(report.get("unmeasured", [])) | set(report.get("pending", []))
     per_run = []
     for run in figure1_run_counts():
         step = _best(report, run.norm, run.batch, precision, MODES, run.network)
@@ -807,11 +810,15 @@ def figure1_cost(report: dict, precision: str) -> dict | None:
         val = validation[0]
         epoch_ms = (math.ceil(run.train_images / run.batch) * step["ms_per_step"]
                     + math.ceil(run.val_images / val["batch"]) * val["ms_per_step"])  # fmt: skip
+        untimed_modes = [mode for mode in MODES if _label(
+            Setting(run.norm, run.batch, precision, mode, run.network)) in untimed]  # fmt: skip
         per_run.append({"network": run.network, "norm": run.norm, "batch": run.batch,
                         "runs": run.runs, "mode": step["mode"], "ms_per_step": step["ms_per_step"],
-                        "gpu_hours": run.runs * run.epochs * epoch_ms / 1000 / 3600})  # fmt: skip
+                        "gpu_hours": run.runs * run.epochs * epoch_ms / 1000 / 3600,
+                        "untimed_modes": untimed_modes})  # fmt: skip
     return {"gpu_hours": sum(r["gpu_hours"] for r in per_run),
             "runs": sum(r["runs"] for r in per_run), "precision": precision,
+            "upper_bound": any(r["untimed_modes"] for r in per_run),
             "per_run": per_run}  # fmt: skip
 
 
@@ -883,7 +890,15 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
         lines += ["", "Targets: not assessed, no CUDA GPU (a reduced CPU run)."]
     for cost in report["figure1_cost"]:
         hours = f"{cost['gpu_hours']:.2f} GPU-hours on this GPU (target ≤ 4 H100-hours)"
-        lines += ["", f"Figure 1 ({cost['runs']} runs, {cost['precision']}): {hours}."]
+        bound = (", an upper bound: a run's step in a mode marked below is not yet measured"
+                 if cost.get("upper_bound") else "")  # fmt: skip
+        lines += ["", f"Figure 1 ({cost['runs']} runs, {cost['precision']}): {hours}{bound}.",
+                  "", "| network | norm | batch | runs | priced at | ms/step | GPU-hours | "
+                  "not yet measured |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in cost["per_run"]:
+            lines.append(f"| {r['network']} | {r['norm']} | {r['batch']} | {r['runs']} | "
+                         f"{r['mode']} | {r['ms_per_step']:.2f} | {r['gpu_hours']:.2f} | "
+                         f"{', '.join(r.get('untimed_modes', [])) or '—'} |")  # fmt: skip
     if report["targets"] and not report["figure1_cost"]:
         lines += ["", "Figure 1's cost: not computed, a BN or AGC step time it needs is missing."]
     if report["unmeasured"]:
