@@ -8,8 +8,8 @@ no part of ``make bench``: a one-off diagnostic for the next GPU run.
 
 python results/benchmark-h100/host_profile.py
     1. For none, bn and agc, eager bf16 at batches 8 and 1: the host's time to issue one
-       training step onto an idle device (the median of 10), beside the step's median
-       time back to back (the report's).
+       training step onto an idle device, and onto one kept busy (each the median of 10),
+       beside the step's median time back to back (the report's).
     2. SegNet's 25 AGC inputs at batch 8, as training feeds them, and the host's µs per
        layer to issue: BN and its ReLU, forward and backward through autograd; the fused
        AGC the same way (``AGCReLUFunction``); ``triton_agc.forward`` and ``.backward``
@@ -74,10 +74,16 @@ def whole_steps(cfg: Config, device: torch.device, precision: str, batches: tupl
     for batch in batches:
         for norm in ("none", "bn", "agc"):
             result, step = measured_step(Setting(norm, batch, precision, "eager"), cfg, device)
-            issue = "-" if result.error else f"{host_ms(step, device):.2f} ms"
+            idle = busy = "-"
+            if not result.error:
+                idle = f"{host_ms(step, device):.2f} ms"
+                try:
+                    busy = f"{host_ms(step, device, busy=True):.2f} ms"
+                except RuntimeError as error:
+                    busy = f"- ({error})"
             print(f"step {norm:4s} batch {batch} {precision} eager: the host issues it in "
-                  f"{issue}; back to back it takes {result.ms_per_step:.2f} ms {result.error}",
-                  flush=True)  # fmt: skip
+                  f"{idle} onto an idle device, {busy} onto a busy one; back to back it "
+                  f"takes {result.ms_per_step:.2f} ms {result.error}", flush=True)  # fmt: skip
 
 
 class TimedLaunches:

@@ -66,15 +66,30 @@ def first_steps(cfg: Config, device: torch.device, batch: int) -> None:
                   f"{result.ms_per_step:.2f} ms {result.error}", flush=True)  # fmt: skip
 
 
-def host_ms(work: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
-    """The median milliseconds the host takes to issue ``work`` onto an idle device."""
+# GPU clock cycles a queued sleep keeps the device busy: about 0.1 s on an H100, longer than
+# the host takes to issue any step here (host_ms checks that it did)
+BUSY_CYCLES = 200_000_000
+
+
+def host_ms(
+    work: Callable[[], object], device: torch.device, repeats: int = 10, busy: bool = False
+) -> float:
+    """The median milliseconds the host takes to issue ``work`` onto an idle device, or with
+    ``busy`` onto one kept busy throughout by a sleep queued first, so that no launch finds
+    the device idle (H100 run 5 saw AGC's eager step take the host 7.8 ms longer to issue at
+    batch 1 than at batch 8). On a CPU ``busy`` changes nothing."""
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            if busy:
+                torch.cuda._sleep(BUSY_CYCLES)
         started = time.perf_counter()
         work()
         times.append(1000 * (time.perf_counter() - started))
+        if busy and device.type == "cuda" and torch.cuda.current_stream(device).query():
+            raise RuntimeError("the device went idle while the host issued the work: "
+                               "the work waits on it, or BUSY_CYCLES is too few")  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return statistics.median(times)
