@@ -794,7 +794,7 @@ def figure1_cost(report: dict, precision: str) -> dict | None:
     norm's best measured step at its batch and validation forward; None if a time it needs
     failed or went unmeasured. ``per_run`` says what each run was priced at, its share, and
     the modes of its step still unmeasured in an unfinished report (``untimed_modes``): while
-    any are, the total is an upper bound (``upper_bound``).
+    any are, the total is an upper bound.
 
     Each epoch of a run trains its training split at its batch and validates its validation
     split at the validation batch (as training evaluates, eager)."""
@@ -818,7 +818,6 @@ def figure1_cost(report: dict, precision: str) -> dict | None:
                         "untimed_modes": untimed_modes})  # fmt: skip
     return {"gpu_hours": sum(r["gpu_hours"] for r in per_run),
             "runs": sum(r["runs"] for r in per_run), "precision": precision,
-            "upper_bound": any(r["untimed_modes"] for r in per_run),
             "per_run": per_run}  # fmt: skip
 
 
@@ -891,14 +890,14 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
     for cost in report["figure1_cost"]:
         hours = f"{cost['gpu_hours']:.2f} GPU-hours on this GPU (target ≤ 4 H100-hours)"
         bound = (", an upper bound: a run's step in a mode marked below is not yet measured"
-                 if cost.get("upper_bound") else "")  # fmt: skip
+                 if any(r["untimed_modes"] for r in cost["per_run"]) else "")  # fmt: skip
         lines += ["", f"Figure 1 ({cost['runs']} runs, {cost['precision']}): {hours}{bound}.",
                   "", "| network | norm | batch | runs | priced at | ms/step | GPU-hours | "
                   "not yet measured |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in cost["per_run"]:
             lines.append(f"| {r['network']} | {r['norm']} | {r['batch']} | {r['runs']} | "
                          f"{r['mode']} | {r['ms_per_step']:.2f} | {r['gpu_hours']:.2f} | "
-                         f"{', '.join(r.get('untimed_modes', [])) or '—'} |")  # fmt: skip
+                         f"{', '.join(r['untimed_modes']) or '—'} |")  # fmt: skip
     if report["targets"] and not report["figure1_cost"]:
         lines += ["", "Figure 1's cost: not computed, a BN or AGC step time it needs is missing."]
     if report["unmeasured"]:
