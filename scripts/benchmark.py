@@ -3,12 +3,14 @@
 python scripts/benchmark.py [--out DIR] [--reduced] [--precisions ...] [--modes ...]
                             [--norms ...]
     On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-naive/none (--norms for
-    others: gn, in, agc-window, agc-median), bf16 and fp32 in eager mode; compiled and
-    CUDA-graphed (bn/agc/none) at batches 1, 4 and 8 (20 s to a minute of compiling each);
+    others: gn, in, agc-window, agc-median), bf16 and fp32 in eager mode; compiled with
+    CUDA graphs (bn/agc/none) at batches 1, 4 and 8, the whole step graphed ("graphed") and
+    reduce-overhead's ("cudagraphs"), 20 s to a minute of compiling each;
     ClassNet (bn/agc) at batch 4, where Figure 1 trains it; the validation forward as
     training runs it (batch 16, eval mode); the largest batch
     under 12 GiB; the training loop, validation included, against the bare step (eager at
-    batch 8, CUDA-graphed at batch 1); the issue's targets and Figure 1's GPU-hours.
+    batch 8, in each CUDA-graph mode at batch 1); the issue's targets and Figure 1's
+    GPU-hours.
     Without a GPU (or with --reduced) a small grid on the CPU. Writes OUT/benchmark.md and
     OUT/benchmark.json (OUT: results, or outputs/benchmark-reduced for the small grid) after
     each measurement, so a run killed part way leaves its report.
@@ -30,6 +32,7 @@ import torch
 
 from deepcontrol.benchmark import (
     AGC_KERNELS,
+    MODES,
     Config,
     Setting,
     profile_step,
@@ -53,7 +56,9 @@ def main() -> None:
     )
     parser.add_argument("--reduced", action="store_true", help="the small CPU grid")
     parser.add_argument("--precisions", nargs="+", help="a subset, e.g. bf16 (to split a run)")
-    parser.add_argument("--modes", nargs="+", help="a subset of eager compile cudagraphs")
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, metavar="MODE", help="a subset of %(choices)s"
+    )
     parser.add_argument(
         "--norms",
         nargs="+",

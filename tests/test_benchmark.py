@@ -290,12 +290,13 @@ def test_compiled_modes_run_only_where_the_targets_look():
     assert len(segnet) - len(compiled) == 4 * 4 * 2  # eager: every batch, norm, precision
     assert {(s.batch, s.precision) for s in compiled} == {
         (b, p) for b in (1, 4, 8) for p in ("bf16", "fp32")}  # fmt: skip
-    assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 18
-    assert {s.mode for s in compiled} == {"cudagraphs"}  # plain compile only on request
+    assert {s.norm for s in compiled} == {"bn", "agc", "none"} and len(compiled) == 2 * 18
+    # the two kinds of CUDA graphs; plain compile only on request
+    assert {s.mode for s in compiled} == {"graphed", "cudagraphs"}
     # ClassNet: BN and AGC at Figure 1's batch 4, each precision, eager and CUDA-graphed
     classnet = {(s.norm, s.batch, s.precision, s.mode) for s in settings if s not in segnet}
     assert classnet == {(n, 4, p, m) for n in ("bn", "agc") for p in ("bf16", "fp32")
-                        for m in ("eager", "cudagraphs")}  # fmt: skip
+                        for m in ("eager", "graphed", "cudagraphs")}  # fmt: skip
 
 
 def test_validation_is_timed_at_the_batch_training_validates_with():
@@ -401,7 +402,7 @@ def test_what_the_targets_and_figure1_read_is_measured_first():
     ClassNet, whose host-bound eager step CUDA graphs change most), the CUDA-graphed loop;
     then the other precision's validation and the rest of the grid."""
     cfg = cpu_config(batches=(1, 4, 8), norms=("bn", "agc"), precisions=("bf16", "fp32"),
-                     modes=("eager", "cudagraphs"), compiled_batches=(1, 4),
+                     modes=("eager", "graphed", "cudagraphs"), compiled_batches=(1, 4),
                      compiled_precisions=("bf16",), compiled_norms=("agc",),
                      networks=("segnet", "classnet"))  # fmt: skip
     plans = []
@@ -418,8 +419,11 @@ def test_what_the_targets_and_figure1_read_is_measured_first():
         "validation bn 2 bf16 eager", "validation agc 2 bf16 eager",
         "validation classnet bn 2 bf16 eager", "validation classnet agc 2 bf16 eager",
         "the training-loop check, bn 8 bf16 eager", "the training-loop check, agc 8 bf16 eager",
-        "agc 1 bf16 cudagraphs", "classnet bn 4 bf16 cudagraphs", "classnet agc 4 bf16 cudagraphs",
-        "agc 4 bf16 cudagraphs",
+        "agc 1 bf16 graphed", "agc 1 bf16 cudagraphs", "classnet bn 4 bf16 graphed",
+        "classnet agc 4 bf16 graphed", "classnet bn 4 bf16 cudagraphs",
+        "classnet agc 4 bf16 cudagraphs", "agc 4 bf16 graphed", "agc 4 bf16 cudagraphs",
+        "the training-loop check, bn 1 bf16 graphed",
+        "the training-loop check, agc 1 bf16 graphed",
         "the training-loop check, bn 1 bf16 cudagraphs",
         "the training-loop check, agc 1 bf16 cudagraphs",
         "validation bn 2 fp32 eager", "validation agc 2 fp32 eager",

@@ -9,7 +9,7 @@ from torch import nn
 
 from deepcontrol.config import compose
 from deepcontrol.data import DeviceBatches
-from deepcontrol.engine import autocast, evaluate, train_one_epoch
+from deepcontrol.engine import autocast, eager_step, evaluate, train_one_epoch
 from deepcontrol.losses import build_loss
 from deepcontrol.nn import AutoGainControl2d
 
@@ -65,6 +65,25 @@ def test_last_steps_gradients_are_freed_before_the_forward():
     train_one_epoch(model, batches, optimizer, build_loss(compose().loss, class_weights=None))
     assert len(held) == 2 and not any(map(any, held)), held
     assert all(p.grad is not None for p in model.parameters())  # so the check above can fail
+
+
+def test_the_epoch_takes_its_steps_with_the_step_it_is_given():
+    """How ``train.cuda_graph`` takes over the step (``GraphedSGDStep``): the same training
+    as the default ``sgd_step``."""
+    loss_fn = build_loss(compose().loss, class_weights=None)
+    model, batches = tiny_problem("cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    default = train_one_epoch(model, batches, optimizer, loss_fn)
+    model, batches = tiny_problem("cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    eager, sizes = eager_step(model, optimizer, loss_fn, "fp32"), []
+
+    def step(images, labels, contours, scale=None):
+        sizes.append(len(images))
+        return eager(images, labels, contours, scale=scale)
+
+    assert train_one_epoch(model, batches, optimizer, loss_fn, step=step) == default
+    assert sizes == [4, 2]
 
 
 def host_reads_by_step(model: nn.Module, work: Callable[[], object]) -> tuple[int, set[int]]:

@@ -166,6 +166,23 @@ def test_compiled_training_matches_eager_and_saves_the_plain_network(
     assert saved.keys() == build_model(cfg, num_classes=19).state_dict().keys()
 
 
+@pytest.mark.cuda
+def test_cuda_graphed_training_matches_eager(synthetic_root, cache, tmp_path):
+    """train.cuda_graph: 16 images at batch 3 end each epoch with a batch of 1, whose graph
+    is recorded in epoch 4, after its 3 eager steps; validation and checkpoints between."""
+    runs = {}
+    for graphed in ("false", "true"):
+        cfg = tiny_config(synthetic_root, cache, *SIZE, "device=cuda", "norm=agc",
+                          "data.batch_size=3", "epochs=4", "train.cudnn_benchmark=false",
+                          f"train.cuda_graph={graphed}")  # fmt: skip
+        assert train(cfg, tmp_path / graphed)["status"] == "finished"
+        runs[graphed] = read_metrics(tmp_path / graphed)
+    assert len(runs["true"]) == 4
+    for eager, graphed in zip(runs["false"], runs["true"], strict=True):
+        for key in ("train_loss", "val_loss", "val_pixel_error"):
+            assert graphed[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
 def test_finished_run_is_not_trained_again(synthetic_root, cache, tmp_path):
     cfg = tiny_config(synthetic_root, cache, *SIZE, "epochs=1")
     first = train(cfg, tmp_path)
@@ -293,7 +310,8 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
     ("override", "message"),
     [("train.precision=fp16", "train.precision must be 'fp32' or 'bf16', got 'fp16'"),
      ("epochs=0", "epochs must be a positive integer, got 0"),
-     ("optim.mean_scale_lr_mult=-1", "optim.mean_scale_lr_mult must be a number >= 0, got -1")],
+     ("optim.mean_scale_lr_mult=-1", "optim.mean_scale_lr_mult must be a number >= 0, got -1"),
+     ("train.cuda_graph=true", "train.cuda_graph=true needs a CUDA device, got device=cpu")],
 )  # fmt: skip
 def test_a_bad_setting_read_late_is_refused_before_the_run_directory(
     synthetic_root, cache, tmp_path, override, message

@@ -5,13 +5,14 @@ AGC's bare step, against 0.92 for BN, and BN's eager batch-1 bf16 step, the proc
 measurement, at 12.37 ms where its fp32 step took 7.33. Not a test and no part of
 ``make bench``: a one-off diagnostic for the next GPU run.
 
-python results/benchmark-h100/loop_profile.py [eager] [cudagraphs]
-    Both halves where neither is named. In 200 s H100 run 4 ran all of the eager half but
+python results/benchmark-h100/loop_profile.py [eager] [cudagraphs] [graphed]
+    Eager and cudagraphs where none is named. In 200 s H100 run 4 ran all of the eager half but
     AGC's profiled epoch (``run4-loop-profile.txt``).
     1. With eager: each of bn, none and agc's eager batch-1 bf16 step, measured twice in
        turn (as ``make bench`` measures it): a first-measurement effect shows as a first
        time above the second.
-    2. For bn and agc in each mode named (eager at batch 8, CUDA graphs at batch 1), one
+    2. For bn and agc in each mode named (eager at batch 8, either CUDA-graph mode at
+       batch 1: reduce-overhead's, or the whole step graphed, GraphedSGDStep), one
        training loop as ``make bench``'s loop check builds it, warmed up (and compiled) by
        one epoch, then:
        - its bare step on one of its batches, back to back as the report times it, with
@@ -50,7 +51,6 @@ from deepcontrol.benchmark import (
     step_times,
     training_loop,
 )
-from deepcontrol.engine import sgd_step
 
 # Host calls counted per training step; Triton launches through the driver (cuLaunchKernel)
 COUNTED = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
@@ -119,13 +119,12 @@ def garbage_collections() -> Iterator[dict]:
 def step_on(loop: TrainingLoop, images: torch.Tensor, labels: torch.Tensor,
             contours: torch.Tensor | None) -> None:  # fmt: skip
     """One bare SGD step of the loop's model on a batch, as ``train_one_epoch`` makes it."""
-    sgd_step(loop.step_model, loop.optimizer, loop.loss_fn, images, labels, contours,
-             loop.setting.precision)  # fmt: skip
+    loop.step(images, labels, contours)
 
 
 def bare_step(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
     step = partial(step_on, loop, *next(iter(loop.train)))
-    loop.step_model.train()
+    loop.model.train()
     for _ in range(cfg.warmup):
         step()
     times = step_times(step, cfg.loop_steps, device)
@@ -138,7 +137,7 @@ def bare_step(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
 
 def loop_parts(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
     def steps_over_batches() -> None:
-        loop.step_model.train()
+        loop.model.train()
         for batch in loop.train:
             step_on(loop, *batch)
 
@@ -184,7 +183,7 @@ def main() -> None:
     named = sys.argv[1:] or ["eager", "cudagraphs"]
     if "eager" in named:
         first_steps(cfg, device, 1)
-    batches = {"eager": 8, "cudagraphs": 1} if device.type == "cuda" else {"eager": 2}
+    batches = {"eager": 8, "cudagraphs": 1, "graphed": 1} if device.type == "cuda" else {"eager": 2}
     for mode in named:
         if mode not in batches:
             raise SystemExit(f"loop_profile.py: no mode {mode!r} here; expected {list(batches)}")

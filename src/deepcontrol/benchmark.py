@@ -35,8 +35,9 @@ from deepcontrol.atomic import write_atomic
 from deepcontrol.config import compose
 from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.data.registry import get_format
-from deepcontrol.engine import autocast, evaluate, sgd_step, train_one_epoch
+from deepcontrol.engine import StepFn, autocast, eager_step, evaluate, train_one_epoch
 from deepcontrol.figure1 import figure1_runs
+from deepcontrol.graphed_step import GraphedSGDStep
 from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import MODELS
 from deepcontrol.nn import AutoGainControl2d, use_agc_kernels
@@ -47,8 +48,13 @@ from deepcontrol.train import compile_model, sgd, use_channels_last
 # fused function over Triton kernels; "agc-naive" the reference AGC and a separate ReLU, as a
 # plain PyTorch user would write it.
 AGC_KERNELS = {"agc": "auto", "agc-naive": "reference"}
-MODES = ("eager", "compile", "cudagraphs")  # cudagraphs: torch.compile(mode="reduce-overhead")
-COMPILE_MODES = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead"}
+# cudagraphs: torch.compile(mode="reduce-overhead"), which graphs the forward and the backward;
+# graphed: torch.compile's kernels, and the whole step, optimiser included, replayed as one
+# CUDA graph (GraphedSGDStep, train.cuda_graph)
+MODES = ("eager", "compile", "cudagraphs", "graphed")
+COMPILE_MODES = {"eager": False, "compile": "default", "cudagraphs": "reduce-overhead",
+                 "graphed": "default"}  # fmt: skip
+GRAPH_MODES = ("cudagraphs", "graphed")  # whose memory is taken when their graphs are recorded
 TARGET_BATCHES = (1, 8)  # where issue 4's targets are judged
 PAPER_NORMS = ("bn", "agc")  # the norms the paper compares
 NUM_CLASSES = get_format("cityscapes").num_classes  # the 19 the paper trains on
@@ -106,9 +112,9 @@ class Config:
     precisions: tuple[str, ...] = ("bf16", "fp32")
     # Compiling takes 20 s to a minute a setting, so compiled modes run only where the
     # targets and Figure 1's cost look (batches 1, 4 and 8; bf16 first, then fp32, the
-    # paper's precision and the default), and only CUDA graphs by default: torch.compile
-    # plus graph replay, which batch 1 needs ("compile" on request).
-    modes: tuple[str, ...] = ("eager", "cudagraphs")
+    # paper's precision and the default), and only with CUDA graphs by default, which batch 1
+    # needs ("compile" on request): the whole step graphed first, then reduce-overhead's.
+    modes: tuple[str, ...] = ("eager", "graphed", "cudagraphs")
     compiled_batches: tuple[int, ...] = (1, 4, 8)
     compiled_norms: tuple[str, ...] = ("bn", "agc", "none")
     compiled_precisions: tuple[str, ...] = ("bf16", "fp32")
@@ -200,6 +206,15 @@ def run_as(model: nn.Module, mode: str) -> nn.Module:
     return compile_model(model, COMPILE_MODES[mode])
 
 
+def mode_step(
+    setting: Setting, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn
+) -> StepFn:
+    """The SGD step of ``model`` (as ``run_as`` made it) as ``setting``'s mode takes it."""
+    if setting.mode == "graphed":
+        return GraphedSGDStep(model, optimizer, loss_fn, setting.precision)
+    return eager_step(model, optimizer, loss_fn, setting.precision)
+
+
 def training_loss() -> LossFn:
     """Training's objective with the default loss settings and no class weights: the pixel
     cross-entropy, plus ClassNet's contour loss for a network with a contour output."""
@@ -217,14 +232,13 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
     torch.manual_seed(0)
     model = build(setting.norm, device, setting.network)
     optimizer = sgd(model, lr=0.01, momentum=0.9)
-    step_model = run_as(model, setting.mode)
-    loss_fn = training_loss()
+    take = mode_step(setting, run_as(model, setting.mode), optimizer, training_loss())
     images = random_images(setting, cfg, device)
     labels = torch.randint(0, NUM_CLASSES, (setting.batch, cfg.height, cfg.width), device=device)
     contours = (torch.rand(setting.batch, cfg.height, cfg.width, device=device) < 0.1).float()
 
     def step() -> None:
-        sgd_step(step_model, optimizer, loss_fn, images, labels, contours, setting.precision)
+        take(images, labels, contours)
 
     return step
 
@@ -337,7 +351,7 @@ def measure_step(
         step = work(setting, cfg, device)
         # Peak memory: eager, over the timed steps, leaving out cuDNN's one-off algorithm
         # search; CUDA graphs, from the start, since their memory is taken when recorded.
-        graphs = setting.mode == "cudagraphs"
+        graphs = setting.mode in GRAPH_MODES
         if device.type == "cuda" and graphs:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(cfg.warmup):
@@ -423,13 +437,13 @@ class TrainingLoop:
     train: DeviceBatches
     val: DeviceBatches
     model: nn.Module  # validation runs it uncompiled, as training does
-    step_model: nn.Module
+    step: StepFn  # the SGD step in the setting's mode (mode_step)
     optimizer: torch.optim.Optimizer
     loss_fn: LossFn
 
     def train_epoch(self) -> None:
-        train_one_epoch(self.step_model, self.train, self.optimizer, self.loss_fn,
-                        self.setting.precision)  # fmt: skip
+        train_one_epoch(self.model, self.train, self.optimizer, self.loss_fn,
+                        self.setting.precision, step=self.step)  # fmt: skip
 
     def validate(self) -> None:
         evaluate(self.model, self.val, self.loss_fn, NUM_CLASSES, self.setting.precision)
@@ -455,9 +469,9 @@ def training_loop(setting: Setting, cfg: Config, device: torch.device) -> Traini
     train, val = split(samples, setting.batch, True), split(val_samples, cfg.val_batch, False)
     torch.manual_seed(0)
     model = build(setting.norm, device, setting.network)
-    optimizer = sgd(model, lr=0.01, momentum=0.9)
-    return TrainingLoop(setting, train, val, model, run_as(model, setting.mode), optimizer,
-                        training_loss())  # fmt: skip
+    optimizer, loss_fn = sgd(model, lr=0.01, momentum=0.9), training_loss()
+    step = mode_step(setting, run_as(model, setting.mode), optimizer, loss_fn)
+    return TrainingLoop(setting, train, val, model, step, optimizer, loss_fn)
 
 
 def seconds(work: Callable[[], None], device: torch.device) -> float:
@@ -675,8 +689,9 @@ def run_benchmark(
     loop_checks("eager", 8 if 8 in cfg.batches else cfg.batches[-1])
     for setting in compiled:
         planned("steps", setting, step)
-    if any(s.mode == "cudagraphs" and s.batch == 1 for s in compiled):
-        loop_checks("cudagraphs", 1)
+    for mode in cfg.modes:
+        if mode in GRAPH_MODES and any(s.mode == mode and s.batch == 1 for s in compiled):
+            loop_checks(mode, 1)
     for precision in cfg.precisions[1:]:
         validations(precision)
     for setting in grid:

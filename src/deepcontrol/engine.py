@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 from collections.abc import Callable
@@ -18,6 +19,9 @@ from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.distributed import all_reduce_sum
 from deepcontrol.losses import LossFn, Outputs
 from deepcontrol.metrics import ConfusionMatrix
+
+# One SGD step on (images, labels, contours) with an optional loss scale; its loss
+StepFn = Callable[..., torch.Tensor]
 
 
 def class_logits(outputs: Outputs) -> torch.Tensor:
@@ -59,6 +63,13 @@ def sgd_step(
     return loss
 
 
+def eager_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, precision: str
+) -> StepFn:
+    """``sgd_step`` on ``model`` as a ``StepFn``: ``step(images, labels, contours, scale=None)``."""
+    return functools.partial(sgd_step, model, optimizer, loss_fn, precision=precision)
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: DeviceBatches,
@@ -69,6 +80,7 @@ def train_one_epoch(
     description: str = "",
     stop: Callable[[], bool] = lambda: False,
     running: dict | None = None,
+    step: StepFn | None = None,
 ) -> dict:
     """One pass over ``batches`` (the rest of it after a mid-epoch resume).
 
@@ -76,8 +88,10 @@ def train_one_epoch(
     soon as the loss stops being finite. When ``stop()`` turns true (a signal) it returns
     ``{"interrupted": True, "running": ...}`` instead, the partial sums a checkpoint keeps so
     that ``running`` resumes the epoch exactly. Under DDP the loss of each process is scaled
-    so that the summed gradients are those of the global batch's pixel mean.
+    so that the summed gradients are those of the global batch's pixel mean. ``step`` takes
+    each step in place of ``sgd_step`` (``GraphedSGDStep``, which replays it as a CUDA graph).
     """
+    step = step or eager_step(model, optimizer, loss_fn, precision)
     model.train()
     running = running or {"total": 0.0, "pixels": 0}
     total = torch.tensor(running["total"], dtype=torch.float64, device=batches.device)
@@ -90,11 +104,11 @@ def train_one_epoch(
         scale = None
         if world > 1:  # DDP averages gradients over processes; undo that, weigh by pixels
             scale = valid * world / all_reduce_sum(valid.clone()).clamp(min=1)
-        loss = sgd_step(model, optimizer, loss_fn, images, labels, contours, precision, scale)
+        loss = step(images, labels, contours, scale=scale)
         total += loss.detach() * valid
         pixels += valid
-        step = batches.position
-        if step % 10 == 0 or step == len(batches):  # a host sync only every few steps
+        position = batches.position
+        if position % 10 == 0 or position == len(batches):  # a host sync only every few steps
             flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
                                  torch.tensor(float(stop()), device=batches.device)])  # fmt: skip
             diverged, stopping = (all_reduce_sum(flags) > 0).tolist()

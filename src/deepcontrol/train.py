@@ -41,6 +41,7 @@ from deepcontrol.engine import (
     save_checkpoint,
     train_one_epoch,
 )
+from deepcontrol.graphed_step import GraphedSGDStep
 from deepcontrol.locks import exclusive_lock
 from deepcontrol.logging import RunLogger, read_json
 from deepcontrol.losses import LossFn, build_loss
@@ -130,6 +131,28 @@ def compile_model(model: torch.nn.Module, mode: str | bool) -> torch.nn.Module:
     return torch.compile(model, mode=mode, dynamic=False)
 
 
+def check_cuda_graph(cfg: DictConfig) -> bool:
+    """``train.cuda_graph``: true or false. True (``GraphedSGDStep``) needs a CUDA device and
+    one process, and rules out ``train.compile=reduce-overhead``, whose own graphs it would
+    record inside its one."""
+    setting = cfg.train.cuda_graph
+    if not isinstance(setting, bool):
+        raise ValueError(f"train.cuda_graph must be true or false, got {setting!r}")
+    if not setting:
+        return False
+    if cfg.train.compile == "reduce-overhead":
+        raise ValueError(
+            "train.cuda_graph=true records the whole step as one CUDA graph, and "
+            "train.compile=reduce-overhead would record graphs of its own inside it: use "
+            "train.compile=default (or false) with it"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("train.cuda_graph=true runs in one process, not under torchrun (DDP)")
+    if resolve_device(cfg.device).type != "cuda":
+        raise ValueError(f"train.cuda_graph=true needs a CUDA device, got device={cfg.device}")
+    return True
+
+
 def use_channels_last(setting: str | bool, device: torch.device) -> bool:
     """``train.channels_last``: true, false, or auto (on CUDA, where convolutions run fastest
     in NHWC memory; the data loader already hands them NHWC images)."""
@@ -181,6 +204,7 @@ RESUMABLE_CHANGES = (
     "train.progress",
     "train.resume",
     "train.compile",
+    "train.cuda_graph",
     "train.channels_last",
     "train.cudnn_benchmark",
 )
@@ -259,6 +283,7 @@ def check_settings(cfg: DictConfig) -> None:
         raise ValueError(f"epochs must be a positive integer, got {cfg.epochs!r}")
     check_precision(cfg.train.precision)
     check_mean_scale_lr_mult(cfg.optim.mean_scale_lr_mult)
+    check_cuda_graph(cfg)
 
 
 def check_same_run(run_dir: Path, resolved: dict) -> None:
@@ -336,6 +361,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     model = wrap_model(model, place, cfg.norm.sync)
     net = unwrap(model)  # the network itself: checkpoints, evaluation, λ
     model = compile_model(model, cfg.train.compile)
+    step = None  # sgd_step, eagerly
+    if cfg.train.cuda_graph:  # after the checkpoint's optimiser state is loaded, as it needs
+        step = GraphedSGDStep(model, optimizer, loss_fn, cfg.train.precision)
 
     samples_per_epoch = data.train.num_samples - data.train.dropped_per_epoch
     facts = _run_facts(cfg, data, place.world_size, device, net)
@@ -361,7 +389,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             stats = train_one_epoch(
                 model, data.train, optimizer, loss_fn, cfg.train.precision,
                 cfg.train.progress and place.is_main, f"epoch {epoch}/{cfg.epochs}",
-                stop=stop.is_set, running=running,
+                stop=stop.is_set, running=running, step=step,
             )  # fmt: skip
             running = None
             if stats.get("interrupted"):
