@@ -115,7 +115,8 @@ class GraphedSGDStep:
         own = tuple(None if t is None else t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
         # sgd_step sets the gradients to None first, so the backward allocates them in the
-        # graph's memory and each replay writes (not adds) them.
-        with torch.cuda.graph(graph):
+        # graph's memory and each replay writes (not adds) them. Recorded on the warm-up's
+        # stream, whose per-stream library state (cuBLAS workspaces) the warm-up has set up.
+        with torch.cuda.graph(graph, stream=self.stream):
             loss = self._step(own)
         return _Recorded(graph, own, loss)
