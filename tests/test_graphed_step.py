@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import AtenCalls
 from torch import nn
 
 from deepcontrol.config import compose
@@ -45,6 +46,34 @@ def trained(model: nn.Module, step_of, data: list[tuple]) -> tuple[list[float], 
 def test_it_needs_a_cuda_model():
     with pytest.raises(ValueError, match="needs the model on a CUDA device, not cpu"):
         GraphedSGDStep(nn.Conv2d(3, 4, 1), None, loss_fn(), "fp32")
+
+
+# What a CUDA graph cannot record: a read of a value on the host, and an op whose result's
+# size depends on values; on a GPU both wait for the device, and a capture fails on them.
+UNRECORDABLE = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2"}
+
+
+@pytest.mark.parametrize(
+    "network, norm", [("segnet", "none"), ("segnet", "bn"), ("segnet", "agc"), ("classnet", "agc")]
+)
+def test_the_step_holds_nothing_a_cuda_graph_cannot_record(network, norm):
+    """On the CPU, the ops of the step that GraphedSGDStep records: with class weights,
+    ignored pixels, and for ClassNet its contour loss."""
+    torch.manual_seed(0)
+    model = MODELS[network](num_classes=19, norm=norm, width=8)
+    optimizer = sgd(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    weighted = build_loss(compose().loss, class_weights=torch.rand(19) + 0.5)
+    [(images, labels, _)] = batches([2], 32, 64, "cpu")
+    contours = (torch.rand(2, 32, 64) < 0.1).float()
+    step = eager_step(model, optimizer, weighted, "fp32")
+    step(images, labels, contours)  # the momenta, as the warm-up makes them
+    with AtenCalls() as ops:
+        step(images, labels, contours)
+    names = {name.split(".")[0] for name, _, _ in ops.calls}  # without the overload
+    assert {"convolution_backward", "_fused_sgd_"} <= names  # it saw the whole step
+    assert not names & UNRECORDABLE
+    if network == "classnet":  # and the contour loss
+        assert "max_pool2d_with_indices" in names
 
 
 @pytest.mark.parametrize(
