@@ -39,7 +39,7 @@ class _Recorded:
 class GraphedSGDStep:
     """``sgd_step`` on ``model`` as one CUDA graph per input shape (``train.cuda_graph``).
 
-    Called like ``sgd_step`` without its first three arguments, and with the same result:
+    Called as ``step(images, labels, contours)`` (a ``StepFn``), with ``sgd_step``'s result:
     replaying the graph runs the kernels that the eager step runs. The first ``warmup``
     steps of each shape (an epoch's smaller last batch has its own) run eagerly on a side
     stream, as CUDA graphs require: cuDNN's algorithm search, Triton's and torch.compile's
