@@ -117,6 +117,9 @@ class GraphedSGDStep:
         # sgd_step sets the gradients to None first, so the backward allocates them in the
         # graph's memory and each replay writes (not adds) them. Recorded on the warm-up's
         # stream, whose per-stream library state (cuBLAS workspaces) the warm-up has set up.
-        with torch.cuda.graph(graph, stream=self.stream):
-            loss = self._step(own)
+        # torch.compile cannot compile inside a capture (it reads the CUDA RNG state there);
+        # a guard failing now would recompile, so make that the error it is.
+        with torch.compiler.set_stance("fail_on_recompile"):
+            with torch.cuda.graph(graph, stream=self.stream):
+                loss = self._step(own)
         return _Recorded(graph, own, loss)
