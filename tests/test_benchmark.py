@@ -15,6 +15,7 @@ from conftest import REPO
 
 from deepcontrol import benchmark
 from deepcontrol.benchmark import Config, figure1_cost, run_benchmark, targets, write_report
+from deepcontrol.engine import sgd_step
 from deepcontrol.nn import AutoGainControl2d
 
 pytestmark = pytest.mark.slow
@@ -312,6 +313,19 @@ def test_agc_variants_run_the_kernels_they_name():
         for norm in ("agc", "agc-naive")
     }  # fmt: skip
     assert kernels == {"agc": {"auto"}, "agc-naive": {"reference"}}
+
+
+def test_the_graphed_mode_takes_the_step_train_cuda_graph_takes(monkeypatch):
+    """Its step is GraphedSGDStep's over torch.compile's model, in the grid and in the loop
+    check; off CUDA that step refuses, and the setting records why."""
+    monkeypatch.setattr(benchmark, "run_as", lambda model, mode: model)  # no compiling here
+    setting = benchmark.Setting("agc", 1, "fp32", "graphed")
+    for work in (benchmark.training_step, benchmark.training_loop):
+        with pytest.raises(ValueError, match="train.cuda_graph needs the model on a CUDA"):
+            work(setting, cpu_config(), torch.device("cpu"))
+    eager = benchmark.mode_step(replace(setting, mode="eager"), torch.nn.Conv2d(3, 19, 1),
+                                None, None)  # fmt: skip
+    assert eager.func is sgd_step  # and every other mode takes sgd_step itself
 
 
 def test_a_failing_setting_is_recorded_and_the_others_still_run(monkeypatch):
