@@ -99,9 +99,13 @@ def test_it_is_refused_under_torchrun(monkeypatch):
 @pytest.mark.parametrize("norm", ["none", "bn", "agc"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_graphed_step_trains_as_the_eager_step_does(norm, precision, monkeypatch):
-    """SegNet at a quarter width: each step's loss, and the weights, BN's running statistics
-    and momenta after all of them, as the eager step leaves them."""
+    """SegNet at a quarter width: each step's loss, and the weights and BN's running
+    statistics after all of them, as the eager step leaves them. cuDNN's algorithms are
+    deterministic, so that the two differ only if the graph trains otherwise; a bug of that
+    kind (a gradient added to the last step's, a batch not copied in) is far larger than
+    the tolerances, which leave room for rounding (bf16's, that of the issue's 1e-2)."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     torch.manual_seed(0)
     model = MODELS["segnet"](num_classes=19, norm=norm, width=16).cuda()
     model = model.to(memory_format=torch.channels_last)
@@ -110,7 +114,7 @@ def test_the_graphed_step_trains_as_the_eager_step_does(norm, precision, monkeyp
         m, o, loss_fn(), precision), data)  # fmt: skip
     graph_losses, graphed = trained(copy.deepcopy(model), lambda m, o: GraphedSGDStep(
         m, o, loss_fn(), precision), data)  # fmt: skip
-    tolerance = {"fp32": 1e-5, "bf16": 1e-3}[precision]
+    tolerance = {"fp32": 1e-4, "bf16": 1e-2}[precision]
     assert graph_losses == pytest.approx(eager_losses, rel=tolerance)
     for (name, a), (_, b) in zip(eager.state_dict().items(), graphed.state_dict().items(),
                                  strict=True):  # fmt: skip
@@ -123,12 +127,12 @@ def test_the_graphed_step_trains_as_the_eager_step_does(norm, precision, monkeyp
 @pytest.mark.cuda
 def test_the_graphed_step_takes_torch_compiles_kernels():
     """``train.compile=default`` with ``train.cuda_graph``: what the benchmark's "graphed"
-    mode runs, on a small AGC network."""
+    mode runs, on a small AGC network, against the same compiled network stepped eagerly."""
     torch.manual_seed(0)
     model = nn.Sequential(ConvNormReLU(3, 16, "agc"), nn.Conv2d(16, 19, 1)).cuda()
     data = batches(BATCHES, 16, 32, "cuda")
     eager_losses, eager = trained(copy.deepcopy(model), lambda m, o: eager_step(
-        m, o, loss_fn(), "fp32"), data)  # fmt: skip
+        compile_model(m, "default"), o, loss_fn(), "fp32"), data)  # fmt: skip
     graph_losses, graphed = trained(copy.deepcopy(model), lambda m, o: GraphedSGDStep(
         compile_model(m, "default"), o, loss_fn(), "fp32"), data)  # fmt: skip
     torch._dynamo.reset()
