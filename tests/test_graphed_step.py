@@ -43,9 +43,11 @@ def trained(model: nn.Module, step_of, data: list[tuple]) -> tuple[list[float], 
     return [float(step(*batch)) for batch in data], model
 
 
-def test_it_needs_a_cuda_model():
+def test_it_needs_a_cuda_model_and_a_warmup():
     with pytest.raises(ValueError, match="needs the model on a CUDA device, not cpu"):
         GraphedSGDStep(nn.Conv2d(3, 4, 1), None, loss_fn(), "fp32")
+    with pytest.raises(ValueError, match="warmup must be 1 or more steps, got 0"):
+        GraphedSGDStep(nn.Conv2d(3, 4, 1), None, loss_fn(), "fp32", warmup=0)
 
 
 # What a CUDA graph cannot record: a read of a value on the host, and an op whose result's

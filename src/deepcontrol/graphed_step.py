@@ -61,6 +61,10 @@ class GraphedSGDStep:
         precision: str,
         warmup: int = 3,
     ) -> None:
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            # The optimiser makes its momenta at its first step: recorded, every replay
+            # would make them afresh from that step's gradient
+            raise ValueError(f"GraphedSGDStep's warmup must be 1 or more steps, got {warmup!r}")
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"train.cuda_graph needs the model on a CUDA device, not {device}")
