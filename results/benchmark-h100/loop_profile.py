@@ -116,14 +116,8 @@ def garbage_collections() -> Iterator[dict]:
         gc.callbacks.remove(callback)
 
 
-def step_on(loop: TrainingLoop, images: torch.Tensor, labels: torch.Tensor,
-            contours: torch.Tensor | None) -> None:  # fmt: skip
-    """One bare SGD step of the loop's model on a batch, as ``train_one_epoch`` makes it."""
-    loop.step(images, labels, contours)
-
-
 def bare_step(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
-    step = partial(step_on, loop, *next(iter(loop.train)))
+    step = partial(loop.step, *next(iter(loop.train)))  # as train_one_epoch takes it
     loop.model.train()
     for _ in range(cfg.warmup):
         step()
@@ -139,7 +133,7 @@ def loop_parts(loop: TrainingLoop, cfg: Config, device: torch.device) -> None:
     def steps_over_batches() -> None:
         loop.model.train()
         for batch in loop.train:
-            step_on(loop, *batch)
+            loop.step(*batch)
 
     def without_gc(work: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -180,13 +174,14 @@ def profiled_epoch(loop: TrainingLoop, cfg: Config, device: torch.device) -> Non
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config() if device.type == "cuda" else Config.reduced()
-    named = sys.argv[1:] or ["eager", "cudagraphs"]
+    batches = {"eager": 8, "cudagraphs": 1, "graphed": 1} if device.type == "cuda" else {"eager": 2}
+    named = sys.argv[1:] or [mode for mode in ("eager", "cudagraphs") if mode in batches]
+    unknown = [mode for mode in named if mode not in batches]
+    if unknown:  # before the first measurement, not after minutes of them
+        raise SystemExit(f"loop_profile.py: no mode {unknown[0]!r} here; expected {list(batches)}")
     if "eager" in named:
         first_steps(cfg, device, 1)
-    batches = {"eager": 8, "cudagraphs": 1, "graphed": 1} if device.type == "cuda" else {"eager": 2}
     for mode in named:
-        if mode not in batches:
-            raise SystemExit(f"loop_profile.py: no mode {mode!r} here; expected {list(batches)}")
         batch = batches[mode]
         for norm in ("bn", "agc"):
             setting = Setting(norm, batch, "bf16", mode)

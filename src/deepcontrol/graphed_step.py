@@ -94,8 +94,9 @@ class GraphedSGDStep:
         key = _shapes(inputs)
         recorded = self.recorded.get(key)
         if recorded is None:
-            if self.eager_steps.get(key, 0) < self.warmup:
-                self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
+            taken = self.eager_steps.get(key, 0)
+            if taken < self.warmup:
+                self.eager_steps[key] = taken + 1
                 return self._side_stream_step(inputs)
             recorded = self.recorded[key] = self._record(inputs)
         for own, new in zip(recorded.inputs, inputs, strict=True):
