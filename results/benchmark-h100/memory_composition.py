@@ -122,6 +122,8 @@ def composition(
     live = LiveStorages(device)
     for parameter in model.parameters():
         live.track(parameter, "parameters")
+    for buffer in model.buffers():  # BN's running statistics: tracked so views of them are not
+        live.track(buffer, "buffers")  # counted as new
     for state in optimizer.state.values():
         for tensor in state.values():
             live.track(tensor, "momenta")
