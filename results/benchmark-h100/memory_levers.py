@@ -1,0 +1,159 @@
+"""What if memory that every norm holds were cut: the step's peak, counted as before.
+
+Batch 1's memory row asks AGC's peak to be at most 0.8 of BN's, where AGC already keeps no
+activation that the no-norm floor does not. ``memory_composition.py`` found that half the
+floor's peak is what every norm holds, so only cutting that can move the ratio. This
+script applies two such cuts to the same eager ``sgd_step`` and counts its peak again, as
+``memory_composition.py`` counts it:
+
+- ``copies``: autocast's bf16 copies of the parameters are neither cached through the
+  forward (autocast's ``cache_enabled=False``) nor kept for the backward, where they are
+  cast again;
+- ``unpool``: the unpooled inputs of the decoder's convolutions are not kept for the
+  backward, where they are unpooled again from the pooled values and indices, which the
+  step keeps anyway.
+
+Both are applied from outside the model (saved-tensor hooks and a wrapped unpooling) to
+measure what they would save; neither is training code. Before counting, each lever's step
+is checked against the plain step: from the same state, the parameters after one step must
+be equal bit for bit.
+
+python results/benchmark-h100/memory_levers.py [--batches 1] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import types
+from collections.abc import Iterator
+
+import torch
+from memory_composition import MIB, composition, report
+from torch.nn import functional as F
+
+import deepcontrol.engine
+from deepcontrol.benchmark import NUM_CLASSES, Config, Setting, build, random_images, training_loss
+from deepcontrol.models import segnet
+from deepcontrol.train import resolve_device, sgd
+
+LEVERS = ((), ("copies",), ("unpool",), ("copies", "unpool"))
+
+
+def _cast_of_parameter(tensor: torch.Tensor) -> torch.nn.Parameter | None:
+    """The parameter ``tensor`` is autocast's copy of, if it is one."""
+    node = tensor.grad_fn
+    if type(node).__name__ != "ToCopyBackward0":
+        return None
+    source = node.next_functions[0][0]
+    return getattr(source, "variable", None)
+
+
+@contextlib.contextmanager
+def levers(names: tuple[str, ...]) -> Iterator[None]:
+    """Within, ``engine.sgd_step`` runs with the named cuts applied."""
+    unpooled = {}  # an unpooling's autograd node: how to unpool again
+
+    def unpool(x, indices, *args, **kwargs):
+        out = F.max_unpool2d(x, indices, *args, **kwargs)
+        if torch.is_grad_enabled() and out.grad_fn is not None:
+            unpooled[out.grad_fn] = functools.partial(F.max_unpool2d, x, indices, *args, **kwargs)
+        return out
+
+    def unpooling(tensor: torch.Tensor):
+        # on CUDA the conv keeps the unpooling's output; on a CPU, where autocast runs
+        # max_unpool2d in float32, it keeps a bf16 copy of it
+        node = tensor.grad_fn
+        if type(node).__name__ == "ToCopyBackward0":
+            node = node.next_functions[0][0]
+        return unpooled.pop(node, None)  # held from here by what the backward keeps
+
+    def pack(tensor: torch.Tensor) -> tuple:
+        if "copies" in names and (parameter := _cast_of_parameter(tensor)) is not None:
+            return ("cast", parameter, tensor.dtype)
+        if "unpool" in names and (again := unpooling(tensor)) is not None:
+            return ("unpool", again, tensor.dtype)
+        return ("kept", tensor)
+
+    def unpack(packed: tuple) -> torch.Tensor:
+        if packed[0] == "cast":
+            return packed[1].detach().to(packed[2])
+        if packed[0] == "unpool":
+            with torch.no_grad():
+                return packed[1]().to(packed[2])
+        return packed[1]
+
+    plain_autocast, plain_functional = deepcontrol.engine.autocast, segnet.F
+    if "copies" in names:
+
+        def autocast(device: torch.device, precision: str):
+            return torch.autocast(
+                device.type, torch.bfloat16, precision == "bf16", cache_enabled=False
+            )
+
+        deepcontrol.engine.autocast = autocast
+    if "unpool" in names:
+        segnet.F = types.SimpleNamespace(max_pool2d=F.max_pool2d, max_unpool2d=unpool)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        deepcontrol.engine.autocast, segnet.F = plain_autocast, plain_functional
+        unpooled.clear()
+
+
+def check_same_step(setting: Setting, cfg: Config, device: torch.device, names: tuple) -> None:
+    """Raise unless one step with the cuts leaves the parameters as the plain step does."""
+    torch.manual_seed(0)
+    model = build(setting.norm, device, setting.network)
+    images = random_images(setting, cfg, device)
+    labels = torch.randint(0, NUM_CLASSES, (setting.batch, cfg.height, cfg.width), device=device)
+    contours = torch.zeros(setting.batch, cfg.height, cfg.width, device=device)
+    after = []
+    for cut in ((), names):
+        stepped = copy.deepcopy(model)
+        optimizer = sgd(stepped, lr=0.01, momentum=0.9)
+        with levers(cut):
+            deepcontrol.engine.sgd_step(stepped, optimizer, training_loss(), images, labels,
+                                        contours, setting.precision)  # fmt: skip
+        after.append([p.detach().clone() for p in stepped.parameters()])
+    names_after = zip(*after, strict=True)
+    for name, (plain, cut) in zip(dict(model.named_parameters()), names_after, strict=True):
+        if not torch.equal(plain, cut):
+            raise AssertionError(f"with {'+'.join(names)}, {name} differs after one step")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1])
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    cfg = Config()
+    print(f"device {device}, torch {torch.__version__}, input {cfg.height}x{cfg.width}, bf16\n")
+    for batch in args.batches:
+        rows = []
+        for names in LEVERS:
+            label = " + ".join(names) or "none (the step as it is)"
+            peaks = {}
+            for norm in ("none", "bn"):
+                setting = Setting(norm, batch, "bf16", "eager")
+                if names:
+                    check_same_step(setting, cfg, device, names)
+                with levers(names):
+                    live, _ = composition(setting, cfg, device)
+                peaks[norm] = live
+                print(f"### cut: {label}\n{report(setting, live, None)}", flush=True)
+            none, bn = peaks["none"], peaks["bn"]
+            peak = {norm: f"{live.peak / MIB:.1f} ({live.peak_at})" for norm, live in peaks.items()}
+            ratio = none.peak / bn.peak
+            rows.append(f"| {label} | {peak['none']} | {peak['bn']} | {ratio:.3f} |")
+        print(f"## batch {batch}: the peaks, MiB (where they fall), and none / BN\n")
+        print("| cut | none | BN | none / BN |\n|---|---|---|---|")
+        print("\n".join(rows) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
