@@ -16,7 +16,8 @@ then, by kind:
 Not a test and no part of ``make bench``: a diagnostic, to find which memory a lever would
 cut. On a CPU, norm ``agc`` runs the reference layer, not the fused CUDA kernels; there
 ``none`` stands in for the fused AGC, which H100 run 5 measured at the same peak (0.499
-and 0.497 GiB at batch 1, 1.982 and 1.980 at batch 8, bf16, eager).
+and 0.497 GiB at batch 1, 1.982 and 1.980 at batch 8, bf16, eager). And on a CPU SegNet
+unpools in the activations' dtype, as CUDA's autocast does (``unpooling_as_on_cuda``).
 
 python results/benchmark-h100/memory_composition.py [--norms none bn] [--batches 1 8]
     [--precision bf16] [--network segnet] [--device auto]
@@ -25,9 +26,12 @@ python results/benchmark-h100/memory_composition.py [--norms none bn] [--batches
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import types
 import weakref
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +40,7 @@ from torch.utils._pytree import tree_flatten
 
 from deepcontrol.benchmark import NUM_CLASSES, Config, Setting, build, random_images, training_loss
 from deepcontrol.engine import sgd_step
+from deepcontrol.models import segnet
 from deepcontrol.train import resolve_device, sgd
 
 MIB = 2**20
@@ -100,6 +105,38 @@ class LiveStorages(TorchDispatchMode):
         return held[0] if held else None
 
 
+@contextlib.contextmanager
+def unpooled_by(wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Within, SegNet unpools with ``wrap(unpool)`` in place of ``unpool``, its unpooling."""
+    plain = segnet.F
+    segnet.F = types.SimpleNamespace(max_pool2d=plain.max_pool2d,
+                                     max_unpool2d=wrap(plain.max_unpool2d))  # fmt: skip
+    try:
+        yield
+    finally:
+        segnet.F = plain
+
+
+def unpooling_as_on_cuda(device: torch.device) -> contextlib.AbstractContextManager:
+    """On a CPU, SegNet unpools in the activations' dtype, as CUDA's autocast does.
+
+    The CPU's autocast runs ``max_unpool2d`` in float32, so each unpooled map would be
+    counted twice (float32, then the bf16 copy the convolution takes), which no GPU holds.
+    The values are the same either way: unpooling moves values, and bf16 values pass
+    through float32 exactly."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+
+    def wrap(unpool):
+        def in_input_dtype(*args, **kwargs):
+            with torch.autocast("cpu", enabled=False):
+                return unpool(*args, **kwargs)
+
+        return in_input_dtype
+
+    return unpooled_by(wrap)
+
+
 def composition(
     setting: Setting, cfg: Config, device: torch.device
 ) -> tuple[LiveStorages, int | None]:
@@ -113,24 +150,25 @@ def composition(
     images = random_images(setting, cfg, device)
     labels = torch.randint(0, NUM_CLASSES, (setting.batch, cfg.height, cfg.width), device=device)
     contours = (torch.rand(setting.batch, cfg.height, cfg.width, device=device) < 0.1).float()
-    for _ in range(2):
-        sgd_step(model, optimizer, loss_fn, images, labels, contours, setting.precision)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    live = LiveStorages(device)
-    for parameter in model.parameters():
-        live.track(parameter, "parameters")
-    for buffer in model.buffers():  # BN's running statistics: tracked so views of them are not
-        live.track(buffer, "buffers")  # counted as new
-    for state in optimizer.state.values():
-        for tensor in state.values():
-            live.track(tensor, "momenta")
-    for tensor in (images, labels, contours):
-        live.track(tensor, "the batch")
-    with live:
-        sgd_step(model, optimizer, loss_fn, images, labels, contours, setting.precision)
+    with unpooling_as_on_cuda(device):
+        for _ in range(2):
+            sgd_step(model, optimizer, loss_fn, images, labels, contours, setting.precision)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        live = LiveStorages(device)
+        for parameter in model.parameters():
+            live.track(parameter, "parameters")
+        for buffer in model.buffers():  # BN's running statistics: tracked so that views of
+            live.track(buffer, "buffers")  # them are not counted as new
+        for state in optimizer.state.values():
+            for tensor in state.values():
+                live.track(tensor, "momenta")
+        for tensor in (images, labels, contours):
+            live.track(tensor, "the batch")
+        with live:
+            sgd_step(model, optimizer, loss_fn, images, labels, contours, setting.precision)
     return live, torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
 

@@ -11,7 +11,8 @@ script applies two such cuts to the same eager ``sgd_step`` and counts its peak 
   cast again;
 - ``unpool``: the unpooled inputs of the decoder's convolutions are not kept for the
   backward, where they are unpooled again from the pooled values and indices, which the
-  step keeps anyway.
+  step keeps anyway. (On a CPU SegNet unpools in the activations' dtype, as on CUDA, in
+  every row: ``memory_composition.unpooling_as_on_cuda``.)
 
 Both are applied from outside the model (saved-tensor hooks and a wrapped unpooling) to
 measure what they would save; neither is training code. Before counting, each lever's step
@@ -27,16 +28,13 @@ import argparse
 import contextlib
 import copy
 import functools
-import types
 from collections.abc import Iterator
 
 import torch
-from memory_composition import MIB, composition, report
-from torch.nn import functional as F
+from memory_composition import MIB, composition, report, unpooled_by, unpooling_as_on_cuda
 
 import deepcontrol.engine
 from deepcontrol.benchmark import NUM_CLASSES, Config, Setting, build, random_images, training_loss
-from deepcontrol.models import segnet
 from deepcontrol.train import resolve_device, sgd
 
 LEVERS = ((), ("copies",), ("unpool",), ("copies", "unpool"))
@@ -56,25 +54,20 @@ def levers(names: tuple[str, ...]) -> Iterator[None]:
     """Within, ``engine.sgd_step`` runs with the named cuts applied."""
     unpooled = {}  # an unpooling's autograd node: how to unpool again
 
-    def unpool(x, indices, *args, **kwargs):
-        out = F.max_unpool2d(x, indices, *args, **kwargs)
-        if torch.is_grad_enabled() and out.grad_fn is not None:
-            unpooled[out.grad_fn] = functools.partial(F.max_unpool2d, x, indices, *args, **kwargs)
-        return out
+    def recorded(unpool):
+        def unpool_and_record(x, indices, *args, **kwargs):
+            out = unpool(x, indices, *args, **kwargs)
+            if out.grad_fn is not None:
+                unpooled[out.grad_fn] = functools.partial(unpool, x, indices, *args, **kwargs)
+            return out
 
-    def unpooling(tensor: torch.Tensor):
-        # on CUDA the conv keeps the unpooling's output; on a CPU, where autocast runs
-        # max_unpool2d in float32, it keeps a bf16 copy of it
-        node = tensor.grad_fn
-        if type(node).__name__ == "ToCopyBackward0":
-            node = node.next_functions[0][0]
-        return unpooled.pop(node, None)  # held from here by what the backward keeps
+        return unpool_and_record
 
     def pack(tensor: torch.Tensor) -> tuple:
         if "copies" in names and (parameter := _cast_of_parameter(tensor)) is not None:
             return ("cast", parameter, tensor.dtype)
-        if "unpool" in names and (again := unpooling(tensor)) is not None:
-            return ("unpool", again, tensor.dtype)
+        if "unpool" in names and (again := unpooled.pop(tensor.grad_fn, None)) is not None:
+            return ("unpool", again)  # held from here by what the backward keeps
         return ("kept", tensor)
 
     def unpack(packed: tuple) -> torch.Tensor:
@@ -82,26 +75,22 @@ def levers(names: tuple[str, ...]) -> Iterator[None]:
             return packed[1].detach().to(packed[2])
         if packed[0] == "unpool":
             with torch.no_grad():
-                return packed[1]().to(packed[2])
+                return packed[1]()
         return packed[1]
 
-    plain_autocast, plain_functional = deepcontrol.engine.autocast, segnet.F
-    if "copies" in names:
+    def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, torch.bfloat16, precision == "bf16", cache_enabled=False)
 
-        def autocast(device: torch.device, precision: str):
-            return torch.autocast(
-                device.type, torch.bfloat16, precision == "bf16", cache_enabled=False
-            )
-
-        deepcontrol.engine.autocast = autocast
-    if "unpool" in names:
-        segnet.F = types.SimpleNamespace(max_pool2d=F.max_pool2d, max_unpool2d=unpool)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
-    finally:
-        deepcontrol.engine.autocast, segnet.F = plain_autocast, plain_functional
-        unpooled.clear()
+    plain_autocast = deepcontrol.engine.autocast
+    with contextlib.ExitStack() as stack:
+        if "copies" in names:
+            deepcontrol.engine.autocast = autocast
+            stack.callback(setattr, deepcontrol.engine, "autocast", plain_autocast)
+        if "unpool" in names:
+            stack.enter_context(unpooled_by(recorded))
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
+        yield
+    unpooled.clear()
 
 
 def check_same_step(setting: Setting, cfg: Config, device: torch.device, names: tuple) -> None:
@@ -115,12 +104,12 @@ def check_same_step(setting: Setting, cfg: Config, device: torch.device, names: 
     for cut in ((), names):
         stepped = copy.deepcopy(model)
         optimizer = sgd(stepped, lr=0.01, momentum=0.9)
-        with levers(cut):
+        with unpooling_as_on_cuda(device), levers(cut):
             deepcontrol.engine.sgd_step(stepped, optimizer, training_loss(), images, labels,
                                         contours, setting.precision)  # fmt: skip
         after.append([p.detach().clone() for p in stepped.parameters()])
-    names_after = zip(*after, strict=True)
-    for name, (plain, cut) in zip(dict(model.named_parameters()), names_after, strict=True):
+    pairs = zip(*after, strict=True)
+    for name, (plain, cut) in zip(dict(model.named_parameters()), pairs, strict=True):
         if not torch.equal(plain, cut):
             raise AssertionError(f"with {'+'.join(names)}, {name} differs after one step")
 
