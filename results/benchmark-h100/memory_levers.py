@@ -3,12 +3,15 @@
 Batch 1's memory row asks AGC's peak to be at most 0.8 of BN's, where AGC already keeps no
 activation that the no-norm floor does not. ``memory_composition.py`` found that half the
 floor's peak is what every norm holds, so only cutting that can move the ratio. This
-script applies two such cuts to the same eager ``sgd_step`` and counts its peak again, as
+script applies such cuts to the same eager ``sgd_step`` and counts its peak again, as
 ``memory_composition.py`` counts it:
 
 - ``copies``: autocast's bf16 copies of the parameters are neither cached through the
   forward (autocast's ``cache_enabled=False``) nor kept for the backward, where they are
   cast again;
+- ``optimiser``: each parameter is updated as soon as its gradient is complete, in the
+  backward, and its gradient freed then (the fused SGD step, called from a
+  post-accumulate-grad hook, finds only that parameter with a gradient);
 - ``unpool``: the unpooled inputs of the decoder's convolutions are not kept for the
   backward, where they are unpooled again from the pooled values and indices, which the
   step keeps anyway. (On a CPU SegNet unpools in the activations' dtype, as on CUDA, in
@@ -30,6 +33,7 @@ import copy
 import functools
 from collections.abc import Iterator
 
+import memory_composition
 import torch
 from memory_composition import MIB, composition, report, unpooled_by, unpooling_as_on_cuda
 
@@ -37,7 +41,8 @@ import deepcontrol.engine
 from deepcontrol.benchmark import NUM_CLASSES, Config, Setting, build, random_images, training_loss
 from deepcontrol.train import resolve_device, sgd
 
-LEVERS = ((), ("copies",), ("unpool",), ("copies", "unpool"))
+LEVERS = ((), ("copies",), ("unpool",), ("optimiser",), ("copies", "unpool"),
+          ("copies", "optimiser"), ("copies", "unpool", "optimiser"))  # fmt: skip
 
 
 def _cast_of_parameter(tensor: torch.Tensor) -> torch.nn.Parameter | None:
@@ -51,7 +56,7 @@ def _cast_of_parameter(tensor: torch.Tensor) -> torch.nn.Parameter | None:
 
 @contextlib.contextmanager
 def levers(names: tuple[str, ...]) -> Iterator[None]:
-    """Within, ``engine.sgd_step`` runs with the named cuts applied."""
+    """Within, ``memory_composition.sgd_step`` runs with the named cuts applied."""
     unpooled = {}  # an unpooling's autograd node: how to unpool again
 
     def recorded(unpool):
@@ -81,8 +86,25 @@ def levers(names: tuple[str, ...]) -> Iterator[None]:
     def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, torch.bfloat16, precision == "bf16", cache_enabled=False)
 
+    plain_step, hooked = memory_composition.sgd_step, set()
+
+    def step_in_backward(model, optimizer, *args, **kwargs):
+        if model not in hooked:  # the first step of this model: from now on it steps as
+            hooked.add(model)  # each gradient is complete, and sgd_step's own step finds none
+
+            def step_now(parameter: torch.nn.Parameter) -> None:
+                optimizer.step()
+                parameter.grad = None
+
+            for parameter in model.parameters():
+                parameter.register_post_accumulate_grad_hook(step_now)
+        return plain_step(model, optimizer, *args, **kwargs)
+
     plain_autocast = deepcontrol.engine.autocast
     with contextlib.ExitStack() as stack:
+        if "optimiser" in names:
+            memory_composition.sgd_step = step_in_backward
+            stack.callback(setattr, memory_composition, "sgd_step", plain_step)
         if "copies" in names:
             deepcontrol.engine.autocast = autocast
             stack.callback(setattr, deepcontrol.engine, "autocast", plain_autocast)
@@ -105,7 +127,7 @@ def check_same_step(setting: Setting, cfg: Config, device: torch.device, names: 
         stepped = copy.deepcopy(model)
         optimizer = sgd(stepped, lr=0.01, momentum=0.9)
         with unpooling_as_on_cuda(device), levers(cut):
-            deepcontrol.engine.sgd_step(stepped, optimizer, training_loss(), images, labels,
+            memory_composition.sgd_step(stepped, optimizer, training_loss(), images, labels,
                                         contours, setting.precision)  # fmt: skip
         after.append([p.detach().clone() for p in stepped.parameters()])
     pairs = zip(*after, strict=True)
