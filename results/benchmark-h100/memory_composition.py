@@ -17,9 +17,11 @@ Not a test and no part of ``make bench``: a diagnostic, to find which memory a l
 cut. On a CPU, norm ``agc`` runs the reference layer, not the fused CUDA kernels; there
 ``none`` stands in for the fused AGC, which H100 run 5 measured at the same peak (0.499
 and 0.497 GiB at batch 1, 1.982 and 1.980 at batch 8, bf16, eager). And on a CPU SegNet
-unpools in the activations' dtype, as CUDA's autocast does (``unpooling_as_on_cuda``).
+unpools in the activations' dtype, as CUDA's autocast does (``unpooling_as_on_cuda``). On a
+GPU each count is printed beside the step's ``torch.cuda.max_memory_allocated``, which it
+should approach from below.
 
-python results/benchmark-h100/memory_composition.py [--norms none bn] [--batches 1 8]
+python results/benchmark-h100/memory_composition.py [--norms agc none bn] [--batches 1 8]
     [--precision bf16] [--network segnet] [--device auto]
 """
 
@@ -188,7 +190,7 @@ def report(setting: Setting, live: LiveStorages, cuda_peak: int | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--norms", nargs="+", default=["none", "bn"])
+    parser.add_argument("--norms", nargs="+", help="agc, none and bn on CUDA; none and bn on a CPU")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--network", default="segnet")
@@ -198,7 +200,7 @@ def main() -> None:
     cfg = Config()
     print(f"device {device}, torch {torch.__version__}, input {cfg.height}x{cfg.width}\n")
     for batch in args.batches:
-        for norm in args.norms:
+        for norm in args.norms or (["agc"] if device.type == "cuda" else []) + ["none", "bn"]:
             setting = Setting(norm, batch, args.precision, "eager", args.network)
             live, cuda_peak = composition(setting, cfg, device)
             print(report(setting, live, cuda_peak), flush=True)
