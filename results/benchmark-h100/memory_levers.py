@@ -17,8 +17,8 @@ script applies such cuts to the same eager ``sgd_step`` and counts its peak agai
   step keeps anyway. (On a CPU SegNet unpools in the activations' dtype, as on CUDA, in
   every row: ``memory_composition.unpooling_as_on_cuda``.)
 
-Both are applied from outside the model (saved-tensor hooks and a wrapped unpooling) to
-measure what they would save; neither is training code. Before counting, each lever's step
+All are applied from outside the model (saved-tensor hooks, a wrapped unpooling, gradient
+hooks) to measure what they would save; none is training code. Before counting, each lever's step
 is checked against the plain step: from the same state, the parameters after one step must
 be equal bit for bit.
 
