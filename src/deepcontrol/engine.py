@@ -54,7 +54,7 @@ def sgd_step(
     """One SGD step on a batch; its loss. The gradients are of the loss times ``scale``
     where given."""
     # Before the forward, so the last step's gradients (one more copy of the parameters)
-    # are not held through it: that is where the step's memory peaks.
+    # are not held through it into the backward's start, where the step's memory peaks.
     optimizer.zero_grad(set_to_none=True)
     with autocast(images.device, precision):
         loss = loss_fn(model(images), labels, contours)
