@@ -126,7 +126,11 @@ def check_same_step(setting: Setting, cfg: Config, device: torch.device, names: 
     for cut in ((), names):
         stepped = copy.deepcopy(model)
         optimizer = sgd(stepped, lr=0.01, momentum=0.9)
-        with unpooling_as_on_cuda(device), levers(cut):
+        # cuDNN's deterministic algorithms, so that on a GPU only a cut can make a difference
+        deterministic = torch.backends.cudnn.flags(
+            enabled=True, benchmark=False, deterministic=True
+        )
+        with deterministic, unpooling_as_on_cuda(device), levers(cut):
             memory_composition.sgd_step(stepped, optimizer, training_loss(), images, labels,
                                         contours, setting.precision)  # fmt: skip
         after.append([p.detach().clone() for p in stepped.parameters()])
