@@ -33,17 +33,18 @@ import gc
 import types
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from deepcontrol.benchmark import NUM_CLASSES, Config, Setting, build, random_images, training_loss
+from deepcontrol.benchmark import Config, Setting, random_batch, trained_parts
 from deepcontrol.engine import sgd_step
 from deepcontrol.models import segnet
-from deepcontrol.train import resolve_device, sgd
+from deepcontrol.train import resolve_device
 
 MIB = 2**20
 
@@ -107,16 +108,12 @@ class LiveStorages(TorchDispatchMode):
         return held[0] if held else None
 
 
-@contextlib.contextmanager
-def unpooled_by(wrap: Callable[[Callable], Callable]) -> Iterator[None]:
-    """Within, SegNet unpools with ``wrap(unpool)`` in place of ``unpool``, its unpooling."""
-    plain = segnet.F
-    segnet.F = types.SimpleNamespace(max_pool2d=plain.max_pool2d,
-                                     max_unpool2d=wrap(plain.max_unpool2d))  # fmt: skip
-    try:
-        yield
-    finally:
-        segnet.F = plain
+def unpooled_by(wrap: Callable[[Callable], Callable]) -> contextlib.AbstractContextManager:
+    """Within, SegNet unpools with ``wrap(unpool)`` in place of ``unpool``, its unpooling now."""
+    functional = segnet.F
+    wrapped = types.SimpleNamespace(max_pool2d=functional.max_pool2d,
+                                    max_unpool2d=wrap(functional.max_unpool2d))  # fmt: skip
+    return mock.patch.object(segnet, "F", wrapped)
 
 
 def unpooling_as_on_cuda(device: torch.device) -> contextlib.AbstractContextManager:
@@ -145,16 +142,11 @@ def composition(
     """The live storages through the third eager ``sgd_step`` of ``setting`` (the first two
     make the momenta and run cuDNN's algorithm search), and on a GPU the step's
     ``torch.cuda.max_memory_allocated``."""
-    torch.manual_seed(0)
-    model = build(setting.norm, device, setting.network)
-    optimizer = sgd(model, lr=0.01, momentum=0.9)
-    loss_fn = training_loss()
-    images = random_images(setting, cfg, device)
-    labels = torch.randint(0, NUM_CLASSES, (setting.batch, cfg.height, cfg.width), device=device)
-    contours = (torch.rand(setting.batch, cfg.height, cfg.width, device=device) < 0.1).float()
+    model, optimizer, loss_fn = trained_parts(setting, device)
+    batch = random_batch(setting, cfg, device)
     with unpooling_as_on_cuda(device):
         for _ in range(2):
-            sgd_step(model, optimizer, loss_fn, images, labels, contours, setting.precision)
+            sgd_step(model, optimizer, loss_fn, *batch, setting.precision)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -167,10 +159,10 @@ def composition(
         for state in optimizer.state.values():
             for tensor in state.values():
                 live.track(tensor, "momenta")
-        for tensor in (images, labels, contours):
+        for tensor in batch:
             live.track(tensor, "the batch")
         with live:
-            sgd_step(model, optimizer, loss_fn, images, labels, contours, setting.precision)
+            sgd_step(model, optimizer, loss_fn, *batch, setting.precision)
     return live, torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
 

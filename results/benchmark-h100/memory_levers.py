@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 from collections.abc import Iterator
+from unittest import mock
 
 import memory_composition
 import torch
 from memory_composition import MIB, composition, report, unpooled_by, unpooling_as_on_cuda
 
 import deepcontrol.engine
-from deepcontrol.benchmark import NUM_CLASSES, Config, Setting, build, random_images, training_loss
-from deepcontrol.train import resolve_device, sgd
+from deepcontrol.benchmark import Config, Setting, random_batch, trained_parts
+from deepcontrol.train import resolve_device
 
 LEVERS = ((), ("copies",), ("unpool",), ("optimiser",), ("copies", "unpool"),
           ("copies", "optimiser"), ("copies", "unpool", "optimiser"))  # fmt: skip
@@ -100,40 +100,30 @@ def levers(names: tuple[str, ...]) -> Iterator[None]:
                 parameter.register_post_accumulate_grad_hook(step_now)
         return plain_step(model, optimizer, *args, **kwargs)
 
-    plain_autocast = deepcontrol.engine.autocast
     with contextlib.ExitStack() as stack:
         if "optimiser" in names:
-            memory_composition.sgd_step = step_in_backward
-            stack.callback(setattr, memory_composition, "sgd_step", plain_step)
+            stack.enter_context(mock.patch.object(memory_composition, "sgd_step", step_in_backward))
         if "copies" in names:
-            deepcontrol.engine.autocast = autocast
-            stack.callback(setattr, deepcontrol.engine, "autocast", plain_autocast)
+            stack.enter_context(mock.patch.object(deepcontrol.engine, "autocast", autocast))
         if "unpool" in names:
             stack.enter_context(unpooled_by(recorded))
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, unpack))
         yield
-    unpooled.clear()
 
 
 def check_same_step(setting: Setting, cfg: Config, device: torch.device, names: tuple) -> None:
     """Raise unless one step with the cuts leaves the parameters as the plain step does."""
-    torch.manual_seed(0)
-    model = build(setting.norm, device, setting.network)
-    images = random_images(setting, cfg, device)
-    labels = torch.randint(0, NUM_CLASSES, (setting.batch, cfg.height, cfg.width), device=device)
-    contours = torch.zeros(setting.batch, cfg.height, cfg.width, device=device)
+    batch = random_batch(setting, cfg, device)
     after = []
     for cut in ((), names):
-        stepped = copy.deepcopy(model)
-        optimizer = sgd(stepped, lr=0.01, momentum=0.9)
+        model, optimizer, loss_fn = trained_parts(setting, device)  # the same, seeded
         # cuDNN's deterministic algorithms, so that on a GPU only a cut can make a difference
         deterministic = torch.backends.cudnn.flags(
             enabled=True, benchmark=False, deterministic=True
         )
         with deterministic, unpooling_as_on_cuda(device), levers(cut):
-            memory_composition.sgd_step(stepped, optimizer, training_loss(), images, labels,
-                                        contours, setting.precision)  # fmt: skip
-        after.append([p.detach().clone() for p in stepped.parameters()])
+            memory_composition.sgd_step(model, optimizer, loss_fn, *batch, setting.precision)
+        after.append([p.detach().clone() for p in model.parameters()])
     pairs = zip(*after, strict=True)
     for name, (plain, cut) in zip(dict(model.named_parameters()), pairs, strict=True):
         if not torch.equal(plain, cut):

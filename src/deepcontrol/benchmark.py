@@ -221,24 +221,40 @@ def training_loss() -> LossFn:
     return build_loss(compose().loss, class_weights=None)
 
 
+def trained_parts(
+    setting: Setting, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, LossFn]:
+    """``setting``'s network (seeded), its SGD and training's loss, as every timed step has
+    them."""
+    torch.manual_seed(0)
+    model = build(setting.norm, device, setting.network)
+    return model, sgd(model, lr=0.01, momentum=0.9), training_loss()
+
+
 def random_images(setting: Setting, cfg: Config, device: torch.device) -> torch.Tensor:
     """A batch of ``setting``'s random input images, channels_last as training feeds them."""
     images = torch.randn(setting.batch, 3, cfg.height, cfg.width, device=device)
     return images.contiguous(memory_format=torch.channels_last)
 
 
-def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
-    """One full SGD step of ``setting``'s network on fixed random data, as it runs it."""
-    torch.manual_seed(0)
-    model = build(setting.norm, device, setting.network)
-    optimizer = sgd(model, lr=0.01, momentum=0.9)
-    take = mode_step(setting, run_as(model, setting.mode), optimizer, training_loss())
+def random_batch(
+    setting: Setting, cfg: Config, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A training batch of ``setting``'s: random images, labels and contour targets."""
     images = random_images(setting, cfg, device)
     labels = torch.randint(0, NUM_CLASSES, (setting.batch, cfg.height, cfg.width), device=device)
     contours = (torch.rand(setting.batch, cfg.height, cfg.width, device=device) < 0.1).float()
+    return images, labels, contours
+
+
+def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
+    """One full SGD step of ``setting``'s network on fixed random data, as it runs it."""
+    model, optimizer, loss_fn = trained_parts(setting, device)
+    take = mode_step(setting, run_as(model, setting.mode), optimizer, loss_fn)
+    batch = random_batch(setting, cfg, device)
 
     def step() -> None:
-        take(images, labels, contours)
+        take(*batch)
 
     return step
 
@@ -467,9 +483,7 @@ def training_loop(setting: Setting, cfg: Config, device: torch.device) -> Traini
                              shuffle=shuffle, device=device)  # fmt: skip
 
     train, val = split(samples, setting.batch, True), split(val_samples, cfg.val_batch, False)
-    torch.manual_seed(0)
-    model = build(setting.norm, device, setting.network)
-    optimizer, loss_fn = sgd(model, lr=0.01, momentum=0.9), training_loss()
+    model, optimizer, loss_fn = trained_parts(setting, device)
     step = mode_step(setting, run_as(model, setting.mode), optimizer, loss_fn)
     return TrainingLoop(setting, train, val, model, step, optimizer, loss_fn)
 
