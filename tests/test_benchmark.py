@@ -206,6 +206,25 @@ def test_the_report_marks_a_target_not_yet_measured_as_such(tmp_path):
     assert "Still to measure: bn 8 bf16 eager." in text
 
 
+def test_the_committed_gpu_report_is_what_its_measurements_say(tmp_path):
+    """results/benchmark.md and the verdicts in its JSON are what the code makes of the
+    JSON's measurements, so no number or verdict in the committed report was edited by
+    hand. A change to how reports are judged or written must write the report again."""
+    saved = REPO / "results" / "benchmark.json"
+    if not saved.is_file():
+        pytest.skip("no GPU report is committed in results/")
+    report = json.loads(saved.read_text())
+    markdown = (REPO / "results" / "benchmark.md").read_text()
+    command = re.search(r"^Command: `(.+)`$", markdown, re.MULTILINE)
+    assert command, "results/benchmark.md names no command"
+    assert report["targets"] == targets(report)
+    costs = [c for p in report["config"]["precisions"] if (c := figure1_cost(report, p))]
+    assert report["figure1_cost"] == costs
+    write_report(report, tmp_path, command[1])
+    assert (tmp_path / "benchmark.md").read_text() == markdown
+    assert json.loads((tmp_path / "benchmark.json").read_text()) == report
+
+
 def test_figure1_runs_are_read_from_the_panels():
     # the paper's 12: BN and AGC at batches 1, 4, 8 (a, b; c and e are the batch-4 pair),
     # ClassNet's pair at batch 4 (d, f), BN at batch 8 also at lr 0.08 (g), AGC at batch 8
