@@ -4,6 +4,7 @@ is alive, and the cuts they try leave the step as it was."""
 import contextlib
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results" / "benchmark-h100"))
 import memory_composition  # noqa: E402
 import memory_levers  # noqa: E402
-from memory_composition import LiveStorages, composition  # noqa: E402
+from memory_composition import composition, counted_step  # noqa: E402
 from memory_levers import check_same_step, levers  # noqa: E402
 
 from deepcontrol.benchmark import Config, Setting  # noqa: E402
@@ -40,16 +41,8 @@ def test_the_count_is_what_stays_alive_after_a_step():
         return pixel_cross_entropy(outputs, labels)
 
     sgd_step(model, optimizer, loss_fn, images, labels, None, "bf16")  # makes the momenta
-    live = LiveStorages(CPU)
-    for parameter in model.parameters():
-        live.track(parameter, "parameters")
     momenta = [state["momentum_buffer"] for state in optimizer.state.values()]
-    for tensor in momenta:
-        live.track(tensor, "momenta")
-    for tensor in (images, labels):
-        live.track(tensor, "the batch")
-    with live:
-        loss = sgd_step(model, optimizer, loss_fn, images, labels, None, "bf16")
+    live, loss = counted_step(model, optimizer, loss_fn, (images, labels, None), "bf16", CPU)
     parameters = list(model.parameters())
     held = nbytes(parameters) + nbytes(momenta) + nbytes([images, labels])
     assert live.total == held + nbytes(p.grad for p in parameters) + loss.untyped_storage().nbytes()
@@ -94,9 +87,8 @@ def test_a_cut_that_changes_the_step_is_caught(monkeypatch):
                 next(model.parameters()).add_(1e-3)
             return loss
 
-        monkeypatch.setattr(memory_composition, "sgd_step", nudged if names else real_step)
-        yield
-        monkeypatch.setattr(memory_composition, "sgd_step", real_step)
+        with mock.patch.object(memory_composition, "sgd_step", nudged if names else real_step):
+            yield
 
     monkeypatch.setattr(memory_levers, "levers", nudging)
     with pytest.raises(AssertionError, match="with nudge, .* differs after one step"):

@@ -136,6 +136,31 @@ def unpooling_as_on_cuda(device: torch.device) -> contextlib.AbstractContextMana
     return unpooled_by(wrap)
 
 
+def counted_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    batch: tuple,
+    precision: str,
+    device: torch.device,
+) -> tuple[LiveStorages, torch.Tensor]:
+    """The live storages through one ``sgd_step``, counted from what is alive before it (the
+    parameters, buffers, momenta and batch), and the step's loss."""
+    live = LiveStorages(device)
+    for parameter in model.parameters():
+        live.track(parameter, "parameters")
+    for buffer in model.buffers():  # BN's running statistics: tracked so that views of
+        live.track(buffer, "buffers")  # them are not counted as new
+    for state in optimizer.state.values():
+        for tensor in state.values():
+            live.track(tensor, "momenta")
+    for tensor in batch:
+        live.track(tensor, "the batch")
+    with live:
+        loss = sgd_step(model, optimizer, loss_fn, *batch, precision)
+    return live, loss
+
+
 def composition(
     setting: Setting, cfg: Config, device: torch.device
 ) -> tuple[LiveStorages, int | None]:
@@ -151,18 +176,7 @@ def composition(
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        live = LiveStorages(device)
-        for parameter in model.parameters():
-            live.track(parameter, "parameters")
-        for buffer in model.buffers():  # BN's running statistics: tracked so that views of
-            live.track(buffer, "buffers")  # them are not counted as new
-        for state in optimizer.state.values():
-            for tensor in state.values():
-                live.track(tensor, "momenta")
-        for tensor in batch:
-            live.track(tensor, "the batch")
-        with live:
-            sgd_step(model, optimizer, loss_fn, *batch, setting.precision)
+        live, _ = counted_step(model, optimizer, loss_fn, batch, setting.precision, device)
     return live, torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
 
