@@ -1,0 +1,55 @@
+"""The identities behind results/benchmark-h100/agc_through_conv.py: AGC's mean and its
+gradient's constant part taken through the 3×3 convolution before it."""
+
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results" / "benchmark-h100"))
+import agc_through_conv  # noqa: E402
+from agc_through_conv import check, conv_outputs, tap_sums  # noqa: E402
+
+from deepcontrol.benchmark import Config  # noqa: E402
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 4), (3, 1), (2, 2), (6, 9)])
+def test_each_identity_holds_to_float64_rounding(h, w):
+    errors = check(torch.float64, 2, 3, 5, h, w)
+    assert set(errors) == {"forward mean", "input gradient", "weight gradient", "bias gradient"}
+    assert max(errors.values()) < 1e-12, errors
+
+
+def test_the_tap_sums_are_what_each_tap_reads():
+    """Tap (i, j) of a 3×3 convolution with padding 1 reads the map shifted by (i - 1, j - 1),
+    zero outside it: summing that shifted map directly gives the same sums."""
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    direct = torch.stack([torch.stack([padded[..., i:i + 5, j:j + 4].sum((2, 3))
+                                       for j in range(3)], -1) for i in range(3)], -2)  # fmt: skip
+    torch.testing.assert_close(tap_sums(x), direct, rtol=0, atol=1e-12)
+
+
+def test_a_wrong_identity_is_caught():
+    """With one tap's sum off (its corner left out), the check reports errors far above
+    rounding, so a passing check is not one that cannot fail."""
+
+    def corner_left_out(x):
+        sums = tap_sums(x)
+        sums[..., 0, 0] = sums[..., 0, 0] - x[:, :, -1, -1]
+        return sums
+
+    with mock.patch.object(agc_through_conv, "tap_sums", corner_left_out):
+        errors = check(torch.float64, 2, 3, 5, 6, 9)
+    assert errors["forward mean"] > 1e-3 and errors["weight gradient"] > 1e-3, errors
+
+
+def test_the_byte_count_sees_every_agc_layer_of_segnet():
+    """25 convolutions that an AGC follows, at the benchmark's 256×512: the two at full size
+    each end, and the classifier not among them."""
+    shapes = conv_outputs(Config(height=32, width=64))
+    assert len(shapes) == 25
+    assert shapes[0] == shapes[-1] == (1, 64, 32, 64)
+    assert min(h for *_, h, _ in shapes) == 2  # the fifth block's, after four poolings
