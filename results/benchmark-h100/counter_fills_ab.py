@@ -1,0 +1,168 @@
+"""Whether the fused AGC's counter fills cost what ``agc_through_conv.py`` estimates, and
+whether counters kept zeroed across layers and steps run under torch.compile.
+
+Each AGC layer's forward fills fresh counters (``triton_agc._counters``, a ``torch.zeros``)
+that its forward and backward reductions use and leave zeroed again: 25 fills a SegNet step,
+about 0.09 ms at batch 1 if each costs what AGC's other extra kernels do (an estimate). This
+A/B runs the same kernels with the counters taken instead from a buffer per device and size,
+zeroed once (``kept_counters``):
+
+1. every SegNet AGC layer's fused forward and backward, as ``scripts/tune_agc_kernels.py
+   --kernels elementwise`` runs them, bf16: first checked bit for bit against the fills'
+   results, twice over (so the kept buffers are shown left zeroed); then on a GPU, each
+   variant in turn ``--rounds`` times, timed captured in a CUDA graph and replayed (the
+   kernels' time) and launched eagerly back to back (at batch 1, the host's);
+2. with ``--compiled``, on a GPU: ``make bench``'s graphed step of AGC (torch.compile and
+   the whole step as one CUDA graph) with each variant, from the same seed: its ms per step,
+   and how far its parameters end from the fills' after the same steps.
+
+Not a test and no part of ``make bench``: a one-off A/B for a GPU run. Without a GPU it
+checks part 1's results only (Triton's interpreter, a small input).
+
+python results/benchmark-h100/counter_fills_ab.py [--batches 1 8] [--rounds 3] [--compiled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn imports it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import tune_agc_kernels as tuner  # noqa: E402
+
+from deepcontrol.benchmark import (  # noqa: E402
+    Config,
+    Setting,
+    agc_inputs,
+    mode_step,
+    random_batch,
+    run_as,
+    step_times,
+    trained_parts,
+)
+from deepcontrol.engine import autocast  # noqa: E402
+from deepcontrol.nn import triton_agc  # noqa: E402
+
+VARIANTS = ("fills", "kept")
+
+
+@contextlib.contextmanager
+def kept_counters() -> Iterator[dict]:
+    """Within, the fused AGC takes its counters from buffers kept zeroed, one per device and
+    size, each made on first use. Never during a CUDA graph's capture: there it would be the
+    graph's memory, freed with the graph, so a layer first seen then gets a fill as before."""
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    def counters(y: torch.Tensor) -> torch.Tensor:
+        n, c = y.shape[:2]
+        c_blocks = triton_agc._blocks(c)[2]
+        key = (y.device, n * c_blocks + c_blocks)  # as triton_agc._counters sizes them
+        if key not in buffers:
+            if y.is_cuda and torch.cuda.is_current_stream_capturing():
+                return torch.zeros(key[1], device=y.device, dtype=torch.int32)
+            buffers[key] = torch.zeros(key[1], device=y.device, dtype=torch.int32)
+        return buffers[key]
+
+    with mock.patch.object(triton_agc, "_counters", counters):
+        yield buffers
+
+
+def variant(name: str) -> contextlib.AbstractContextManager:
+    """Within, the fused AGC's counters as ``name`` ("fills" or "kept") makes them."""
+    return contextlib.nullcontext() if name == "fills" else kept_counters()
+
+
+def check(layers: list[tuple], counters: Callable = kept_counters) -> str:
+    """Where the kept counters' results differ from the fills' ("" if nowhere), over two
+    runs of every layer; and whether every kept buffer is zero after them."""
+    expected = tuner.layer_passes(layers)()
+    with counters() as buffers:
+        run = tuner.layer_passes(layers)
+        for attempt in ("first", "second"):
+            if wrong := tuner.other_results(run, expected):
+                return f"{attempt} run: {wrong.replace('the committed settings', 'the fills')}"
+        left = [size for (_, size), buffer in buffers.items() if buffer.any()]
+    return f"counters of size {left} not left zeroed" if left else ""
+
+
+def eager_ms(run: Callable[[], list], repeats: int) -> float:
+    """Median ms of one ``run()`` launched eagerly, back to back."""
+    return statistics.median(step_times(run, repeats, torch.device("cuda")))
+
+
+def time_layers(layers: list[tuple], rounds: int, replays: int) -> dict[str, list[float]]:
+    """Each variant's graphed and eager ms over every layer, ``rounds`` times in turn."""
+    times = {f"{name} {how}": [] for name in VARIANTS for how in ("graphed", "eager")}
+    for _ in range(rounds):
+        for name in VARIANTS:
+            with variant(name):
+                run = tuner.layer_passes(layers)
+                times[f"{name} graphed"].append(tuner.device_ms(run, replays))
+                times[f"{name} eager"].append(eager_ms(run, replays))
+    return times
+
+
+def compiled_step(batch: int, cfg: Config, name: str) -> tuple[float, list[torch.Tensor]]:
+    """Median ms of ``make bench``'s graphed AGC step at ``batch`` with counters as ``name``
+    makes them, and the parameters after its warm-up and timed steps."""
+    device = torch.device("cuda")
+    setting = Setting("agc", batch, "bf16", "graphed")
+    with variant(name):
+        model, optimizer, loss_fn = trained_parts(setting, device)
+        data = random_batch(setting, cfg, device)
+        # one eager forward and backward first, which leaves the parameters as they were, so
+        # that torch.compile finds every layer's kept counters made, not to be made
+        with autocast(device, setting.precision):
+            model(data[0]).float().sum().backward()
+        optimizer.zero_grad(set_to_none=True)
+        take = mode_step(setting, run_as(model, setting.mode), optimizer, loss_fn)
+        for _ in range(cfg.warmup):
+            take(*data)
+        ms = statistics.median(step_times(lambda: take(*data), cfg.steps, device))
+    return ms, [p.detach().clone() for p in model.parameters()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--compiled", action="store_true")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    cfg = Config() if gpu else Config(height=32, width=64)
+    where = torch.cuda.get_device_name() if gpu else "cpu (Triton's interpreter)"
+    print(f"{where}, torch {torch.__version__}, {cfg.height}×{cfg.width}, bf16", flush=True)
+    for batch in args.batches if gpu else [1]:
+        inputs = agc_inputs(Setting("agc", batch, "bf16", "eager"), cfg, device)
+        layers = tuner.random_layers(inputs)
+        wrong = check(layers)
+        verdict = f"WRONG, {wrong}" if wrong else "give the fills' results bit for bit"
+        print(f"batch {batch}, {len(layers)} AGC layers: kept counters {verdict}", flush=True)
+        if wrong or not gpu:
+            continue
+        for label, ms in time_layers(layers, args.rounds, args.replays).items():
+            print(f"  layers, {label}: {statistics.median(ms):.3f} ms "
+                  f"(rounds: {', '.join(f'{m:.3f}' for m in ms)})", flush=True)  # fmt: skip
+        if args.compiled:
+            (fills_ms, fills), (kept_ms, kept) = (compiled_step(batch, cfg, n) for n in VARIANTS)
+            apart = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+                        for a, b in zip(kept, fills, strict=True))  # fmt: skip
+            print(f"  compiled graphed step: fills {fills_ms:.3f} ms, kept {kept_ms:.3f} ms; "
+                  f"parameters apart by at most {apart:.1e} of their largest")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
