@@ -53,3 +53,12 @@ def test_the_byte_count_sees_every_agc_layer_of_segnet():
     assert len(shapes) == 25
     assert shapes[0] == shapes[-1] == (1, 64, 32, 64)
     assert min(h for *_, h, _ in shapes) == 2  # the fifth block's, after four poolings
+
+
+def test_bf16_agreement_counts_each_layer_and_a_flip_is_a_differing_output():
+    rows = agc_through_conv.bf16_agreement(Config(height=32, width=64), batch=2)
+    assert [channels for channels, *_ in rows][:3] == [64, 64, 128]
+    assert len(rows) == 25
+    for _, means, outputs, flips in rows:
+        assert 0 <= flips <= outputs <= 1 and 0 <= means <= 1
+    assert max(means for _, means, _, _ in rows) < 0.5  # rounding, not a wrong mean

@@ -26,8 +26,12 @@ follows a 3×3 convolution with padding 1 (``y = conv(x, W) + b``):
    adds up ``Σ g``, and the next pass over ``∂L/∂x`` (the earlier layer's own) could
    subtract that image as it reads it.
 
-What is checked here are the identities and the byte counts, not a speed: no such kernels
-exist, and whether they would meet the rows is for a GPU to measure.
+Part 3 prices that in bf16: the reference takes the mean of ``y`` rounded to bf16, the
+identity the exact mean rounded once, so some means differ in their last bit, some outputs
+with them, and a few ReLUs flip; it counts how many, per layer of SegNet at initialisation.
+
+What is checked here are the identities, the byte counts and the rounding, not a speed: no
+such kernels exist, and whether they would meet the rows is for a GPU to measure.
 
 python results/benchmark-h100/agc_through_conv.py
 """
@@ -41,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepcontrol.benchmark import Config, build
+from deepcontrol.benchmark import Config, Setting, build, random_images
+from deepcontrol.engine import autocast
+from deepcontrol.nn.norms import ConvNormReLU
 
 REPORT = Path(__file__).resolve().parents[1] / "benchmark.json"
 H100_PEAK_BYTES_PER_S = 3.35e12  # H100 SXM5's HBM3, NVIDIA's datasheet
@@ -181,10 +187,49 @@ def identities() -> None:
                   + " | ".join(f"{e:.1e}" for e in errors.values()) + " |")  # fmt: skip
 
 
+def bf16_agreement(cfg: Config, batch: int = 1) -> list[tuple[int, float, float, float]]:
+    """Per AGC layer of SegNet at initialisation (λ = γ = 1, β = 0) on ``make bench``'s random
+    images under bf16 autocast: how often the mean taken through the convolution, rounded
+    once to bf16, differs from the reference's (the mean of the rounded ``y``), and how
+    often the outputs ``relu(y - m)`` then differ and their ReLU flips. As (channels, share
+    of means, share of outputs, share of ReLUs)."""
+    device = torch.device("cpu")
+    model = build("agc", device, "segnet")
+    convs = [layer[0] for layer in model.modules() if isinstance(layer, ConvNormReLU)]
+    seen = []
+    for conv in convs:
+        conv.register_forward_hook(lambda m, args, y: seen.append((m, args[0], y)))
+    with torch.no_grad(), autocast(device, "bf16"):
+        model(random_images(Setting("agc", batch, "bf16", "eager"), cfg, device))
+    rows = []
+    for conv, x, y in seen:
+        weight = conv.weight.to(torch.bfloat16).double()
+        reference = y.mean((2, 3))  # as AutoGainControl2d takes it: bf16, summed in float32
+        through = conv_output_mean(x.to(torch.bfloat16).double(), weight, torch.zeros(1))
+        through = through.to(torch.bfloat16)
+        outputs = [(y.float() - m.float()[..., None, None]).to(torch.bfloat16).relu()
+                   for m in (reference, through)]  # fmt: skip
+        flips = (outputs[0] > 0) != (outputs[1] > 0)
+        rows.append((y.shape[1], float((reference != through).double().mean()),
+                     float((outputs[0] != outputs[1]).double().mean()),
+                     float(flips.double().mean())))  # fmt: skip
+    return rows
+
+
+def agreement() -> None:
+    """Part 3: in bf16, how far the mean through the convolution leaves the reference."""
+    print("\n## Part 3: bf16, SegNet at initialisation, batch 1, the bench's random images\n")
+    print("| layer | channels | means that differ | outputs that differ | ReLUs that flip |")
+    print("|---|---|---|---|---|")
+    for index, (channels, means, outputs, flips) in enumerate(bf16_agreement(Config())):
+        print(f"| {index} | {channels} | {means:.2%} | {outputs:.3%} | {flips:.4%} |")
+
+
 def main() -> None:
     print(f"torch {torch.__version__}\n")
     budgets()
     identities()
+    agreement()
 
 
 if __name__ == "__main__":
