@@ -194,6 +194,7 @@ def bf16_agreement(cfg: Config, batch: int = 1) -> list[tuple[int, float, float,
     often the outputs ``relu(y - m)`` then differ and their ReLU flips. As (channels, share
     of means, share of outputs, share of ReLUs)."""
     device = torch.device("cpu")
+    torch.manual_seed(0)  # the network's initialisation and the images, as the bench seeds
     model = build("agc", device, "segnet")
     convs = [layer[0] for layer in model.modules() if isinstance(layer, ConvNormReLU)]
     seen = []
