@@ -61,10 +61,10 @@ def test_bf16_agreement_counts_each_layer_and_a_flip_is_a_differing_output():
     rows = agc_through_conv.bf16_agreement(Config(height=32, width=64), batch=2)
     assert [channels for channels, *_ in rows][:3] == [64, 64, 128]
     assert len(rows) == 25
-    for _, means, outputs, flips in rows:
-        assert 0 <= flips <= outputs <= 1 and 0 <= means <= 1
+    for _, means, apart, outputs, flips in rows:
+        assert 0 <= flips <= outputs <= 1 and 0 <= means <= 1 and apart >= 0
     # rounding leaves most means as the reference's; one tap's sum wrong, most not
-    assert statistics.median(means for _, means, _, _ in rows) < 0.5
+    assert statistics.median(means for _, means, *_ in rows) < 0.5
     with mock.patch.object(agc_through_conv, "tap_sums", corner_left_out):
         wrong = agc_through_conv.bf16_agreement(Config(height=32, width=64), batch=2)
-    assert statistics.median(means for _, means, _, _ in wrong) > 0.75
+    assert statistics.median(means for _, means, *_ in wrong) > 0.75
