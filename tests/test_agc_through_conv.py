@@ -49,8 +49,8 @@ def test_a_wrong_identity_is_caught():
 
 
 def test_the_byte_count_sees_every_agc_layer_of_segnet():
-    """25 convolutions that an AGC follows, at the benchmark's 256×512: the two at full size
-    each end, and the classifier not among them."""
+    """25 convolutions that an AGC follows (at 32×64 here, the bench's 256×512 scaled): the
+    first and last at full size, and the classifier not among them."""
     shapes = conv_outputs(Config(height=32, width=64))
     assert len(shapes) == 25
     assert shapes[0] == shapes[-1] == (1, 64, 32, 64)

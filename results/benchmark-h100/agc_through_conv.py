@@ -131,14 +131,17 @@ def check(dtype: torch.dtype, n: int, c_in: int, c_out: int, h: int, w: int) -> 
     return errors
 
 
+def agc_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """The convolutions an AGC follows: each ``ConvNormReLU``'s (all but the classifier)."""
+    return [layer[0] for layer in model.modules() if isinstance(layer, ConvNormReLU)]
+
+
 def conv_outputs(cfg: Config) -> list[tuple[int, ...]]:
-    """The shape, at batch 1, of each SegNet convolution's output that an AGC follows (all
-    but the classifier's), as ``make bench`` builds it."""
-    model = build("none", torch.device("cpu"), "segnet")
-    shapes = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d) and module is not model.classifier:
-            module.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    """The shape, at batch 1, of each convolution's output that an AGC follows in SegNet as
+    ``make bench`` builds it."""
+    model, shapes = build("none", torch.device("cpu"), "segnet"), []
+    for conv in agc_convs(model):
+        conv.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
     with torch.no_grad():
         model(torch.zeros(1, 3, cfg.height, cfg.width))
     return shapes
@@ -197,9 +200,8 @@ def bf16_agreement(cfg: Config, batch: int = 1) -> list[tuple[int, float, float,
     device = torch.device("cpu")
     torch.manual_seed(0)  # the network's initialisation and the images, as the bench seeds
     model = build("agc", device, "segnet")
-    convs = [layer[0] for layer in model.modules() if isinstance(layer, ConvNormReLU)]
     seen = []
-    for conv in convs:
+    for conv in agc_convs(model):
         conv.register_forward_hook(lambda m, args, y: seen.append((m, args[0], y)))
     with torch.no_grad(), autocast(device, "bf16"):
         model(random_images(Setting("agc", batch, "bf16", "eager"), cfg, device))
