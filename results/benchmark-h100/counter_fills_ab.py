@@ -68,11 +68,12 @@ def kept_counters() -> Iterator[dict]:
         n, c = y.shape[:2]
         c_blocks = triton_agc._blocks(c)[2]
         key = (y.device, n * c_blocks + c_blocks)  # as triton_agc._counters sizes them
-        if key not in buffers:
-            if y.is_cuda and torch.cuda.is_current_stream_capturing():
-                return torch.zeros(key[1], device=y.device, dtype=torch.int32)
-            buffers[key] = torch.zeros(key[1], device=y.device, dtype=torch.int32)
-        return buffers[key]
+        if key in buffers:
+            return buffers[key]
+        fill = torch.zeros(key[1], device=y.device, dtype=torch.int32)
+        if not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+            buffers[key] = fill
+        return fill
 
     with mock.patch.object(triton_agc, "_counters", counters):
         yield buffers
