@@ -84,6 +84,17 @@ def _devices(tree: object) -> set[str]:
     return {t.device.type for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
 
 
+def small_agc_inputs() -> list[torch.Tensor]:
+    """Two AGC inputs as training feeds them (bf16, channels_last), on CUDA where there is
+    one: two samples whose maps make several chunks each, and one sample whose 80 channels
+    make two blocks."""
+    generator = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [(torch.randn(shape, generator=generator) + 0.3).to(device, torch.bfloat16)
+            .contiguous(memory_format=torch.channels_last)
+            for shape in ((2, 16, 24, 40), (1, 80, 9, 7))]  # fmt: skip
+
+
 def tiny_overrides(root: Path, cache: Path) -> list[str]:
     """Overrides for the synthetic data at 32×64 on the CPU, no W&B, and the network at 1/4
     width (1/16 the parameters): the code under test is the same, and a full-width SegNet's

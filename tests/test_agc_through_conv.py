@@ -11,9 +11,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results" / "benchmark-h100"))
 import agc_through_conv  # noqa: E402
-from agc_through_conv import check, conv_outputs, tap_sums  # noqa: E402
+from agc_through_conv import check, tap_sums  # noqa: E402
 
-from deepcontrol.benchmark import Config  # noqa: E402
+from deepcontrol.benchmark import Config, Setting, agc_inputs  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("h, w", [(1, 1), (1, 4), (3, 1), (2, 2), (6, 9)])
@@ -49,9 +51,10 @@ def test_a_wrong_identity_is_caught():
 
 
 def test_the_byte_count_sees_every_agc_layer_of_segnet():
-    """25 convolutions that an AGC follows (at 32×64 here, the bench's 256×512 scaled): the
-    first and last at full size, and the classifier not among them."""
-    shapes = conv_outputs(Config(height=32, width=64))
+    """The inputs Part 1 counts (``agc_inputs``): 25, one per convolution an AGC follows (at
+    32×64 here, the bench's 256×512 scaled), the first and last at full size."""
+    setting = Setting("agc", 1, "bf16", "eager")
+    shapes = [tuple(y.shape) for y in agc_inputs(setting, Config(height=32, width=64), CPU)]
     assert len(shapes) == 25
     assert shapes[0] == shapes[-1] == (1, 64, 32, 64)
     assert min(h for *_, h, _ in shapes) == 2  # the fifth block's, after four poolings

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_agc_inputs
 
 from deepcontrol.nn import fused_agc
 
@@ -17,14 +18,9 @@ from counter_fills_ab import check, kept_counters, tuner  # noqa: E402
 
 
 def small_layers() -> list[tuple]:
-    """Two layers: several chunks per sample with two samples, and one sample whose channels
-    make two blocks; the second shares no counter size with the first."""
-    generator = torch.Generator().manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    inputs = [(torch.randn(shape, generator=generator) + 0.3).to(device, torch.bfloat16)
-              .contiguous(memory_format=torch.channels_last)
-              for shape in ((2, 16, 24, 40), (1, 80, 9, 7))]  # fmt: skip
-    return tuner.random_layers(inputs)
+    """The two small layers the tuner's tests use: several chunks per sample with two
+    samples, and one sample whose channels make two blocks (no counter size shared)."""
+    return tuner.random_layers(small_agc_inputs())
 
 
 def test_kept_counters_give_the_fills_results_and_are_made_once_per_size():

@@ -4,7 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import small_agc_inputs
 
 from deepcontrol.nn import fused_agc
 
@@ -18,14 +18,6 @@ def tuner():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def small_inputs() -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [(torch.randn(shape, generator=generator) + 0.3).to(device, torch.bfloat16)
-            .contiguous(memory_format=torch.channels_last)
-            for shape in ((2, 16, 24, 40), (1, 80, 9, 7))]  # fmt: skip
 
 
 class RecordedLaunches:
@@ -52,7 +44,7 @@ def test_each_configuration_is_checked_with_its_own_launches_and_the_committed_r
              "SUMS_WARPS": 2 if committed["SUMS_WARPS"] == 4 else 4}  # fmt: skip
     recorded = RecordedLaunches(tuner.kernels._sums_kernel)
     monkeypatch.setattr(tuner.kernels, "_sums_kernel", recorded)
-    rows = tuner.tune(small_inputs(), [committed, other], replays=2)
+    rows = tuner.tune(small_agc_inputs(), [committed, other], replays=2)
     assert [row["wrong"] for row in rows] == ["", ""]
     assert [row["committed"] for row in rows if row["SUMS_TILE"] == 1024] == [False]
     assert tuner.committed_settings() == committed
@@ -69,7 +61,7 @@ def test_each_configuration_is_checked_with_its_own_launches_and_the_committed_r
 def test_wrong_sums_are_reported_not_timed(tuner, monkeypatch):
     sums = tuner.kernels._sums
     monkeypatch.setattr(tuner.kernels, "_sums", lambda *args: sums(*args) * 1.001)
-    [row] = tuner.tune(small_inputs(), [tuner.committed_settings()], replays=2)
+    [row] = tuner.tune(small_agc_inputs(), [tuner.committed_settings()], replays=2)
     assert row["wrong"].startswith("layer 0: relative error 1.0e-03")
     assert "ms" not in row
 
@@ -81,7 +73,7 @@ def test_elementwise_configurations_launch_their_own_tiles_and_give_the_same_bit
     other = {"TILE": 1024, "ELEMENTWISE_WARPS": 2 if committed["ELEMENTWISE_WARPS"] == 4 else 4}
     recorded = RecordedLaunches(tuner.kernels._agc_relu_kernel)
     monkeypatch.setattr(tuner.kernels, "_agc_relu_kernel", recorded)
-    rows = tuner.tune(small_inputs(), [committed, other], replays=2, part="elementwise")
+    rows = tuner.tune(small_agc_inputs(), [committed, other], replays=2, part="elementwise")
     assert [row["wrong"] for row in rows] == ["", ""]
     assert tuner.committed_settings("elementwise") == committed
     # each layer's forward: making the layers' outputs, the committed results, then each
@@ -104,7 +96,7 @@ def test_elementwise_results_other_than_the_committed_are_reported_not_timed(tun
 
     monkeypatch.setattr(tuner.kernels, "forward", tile_dependent)
     other = {**committed, "TILE": 1024}
-    rows = tuner.tune(small_inputs(), [committed, other], replays=2, part="elementwise")
+    rows = tuner.tune(small_agc_inputs(), [committed, other], replays=2, part="elementwise")
     assert [row["wrong"] for row in rows] == [
         "",
         "layer 0: out differs from the committed settings'",

@@ -43,9 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from deepcontrol.benchmark import Config, Setting, build, random_images
+from deepcontrol.benchmark import Config, Setting, agc_inputs, build, random_images
 from deepcontrol.engine import autocast
 from deepcontrol.nn.norms import ConvNormReLU
 
@@ -131,26 +130,11 @@ def check(dtype: torch.dtype, n: int, c_in: int, c_out: int, h: int, w: int) -> 
     return errors
 
 
-def agc_convs(model: nn.Module) -> list[nn.Conv2d]:
-    """The convolutions an AGC follows: each ``ConvNormReLU``'s (all but the classifier)."""
-    return [layer[0] for layer in model.modules() if isinstance(layer, ConvNormReLU)]
-
-
-def conv_outputs(cfg: Config) -> list[tuple[int, ...]]:
-    """The shape, at batch 1, of each convolution's output that an AGC follows in SegNet as
-    ``make bench`` builds it."""
-    model, shapes = build("none", torch.device("cpu"), "segnet"), []
-    for conv in agc_convs(model):
-        conv.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
-    with torch.no_grad():
-        model(torch.zeros(1, 3, cfg.height, cfg.width))
-    return shapes
-
-
 def budgets() -> None:
     """Part 1: the extra passes' bytes at batches 1 and 8, bf16, against what run 6 leaves."""
     cfg = Config()
-    shapes = conv_outputs(cfg)
+    cpu = torch.device("cpu")
+    shapes = [tuple(y.shape) for y in agc_inputs(Setting("agc", 1, "bf16", "eager"), cfg, cpu)]
     report = json.loads(REPORT.read_text())
     gpu = report["environment"]["gpu"]
     steps = {(s["batch"], s["norm"], s["mode"]): s["ms_per_step"] for s in report["steps"]
@@ -201,7 +185,7 @@ def bf16_agreement(cfg: Config, batch: int = 1) -> list[tuple[int, float, float,
     torch.manual_seed(0)  # the network's initialisation and the images, as the bench seeds
     model = build("agc", device, "segnet")
     seen = []
-    for conv in agc_convs(model):
+    for conv in (layer[0] for layer in model.modules() if isinstance(layer, ConvNormReLU)):
         conv.register_forward_hook(lambda m, args, y: seen.append((m, args[0], y)))
     with torch.no_grad(), autocast(device, "bf16"):
         model(random_images(Setting("agc", batch, "bf16", "eager"), cfg, device))
