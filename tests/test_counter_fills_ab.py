@@ -2,6 +2,7 @@
 give the fused AGC's results bit for bit, and the check would see them wrong."""
 
 import contextlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from deepcontrol.nn import fused_agc
 pytestmark = pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results" / "benchmark-h100"))
 import counter_fills_ab  # noqa: E402
-from counter_fills_ab import check, kept_counters, tuner  # noqa: E402
+from counter_fills_ab import check, compiles_counters, kept_counters, tuner  # noqa: E402
 
 
 def small_layers() -> list[tuple]:
@@ -48,3 +49,22 @@ def test_counters_that_start_unzeroed_are_caught():
                 yield buffers
 
     assert check(small_layers(), unzeroed).startswith("first run: layer 0:")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor on a CPU needs a C++ compiler")
+def test_the_counters_use_compiles_with_kept_counters_and_a_wrong_one_is_caught(monkeypatch):
+    """The stand-in's pattern (a tensor the forward did not make, mutated in the backward by
+    a value read from the gradient) compiles under Inductor and gives eager's gradients; a
+    backward that leaves the counters at -1 fails the check."""
+    cpu = torch.device("cpu")
+    assert compiles_counters("fills", cpu) == ""
+    assert compiles_counters("kept", cpu) == ""
+
+    def leaves_minus_one(ctx, grad):
+        (counters,) = ctx.saved_tensors
+        seen = counters.sum()
+        counters.sub_((grad.sum() * 0 + 2).int())
+        return grad * 2 + seen
+
+    monkeypatch.setattr(counter_fills_ab._UsesCounters, "backward", staticmethod(leaves_minus_one))
+    assert "counters are not left zeroed" in compiles_counters("kept", cpu)

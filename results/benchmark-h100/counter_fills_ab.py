@@ -12,12 +12,20 @@ zeroed once (``kept_counters``):
    results, twice over (so the kept buffers are shown left zeroed); then on a GPU, each
    variant in turn ``--rounds`` times, timed captured in a CUDA graph and replayed (the
    kernels' time) and launched eagerly back to back (at batch 1, the host's);
-2. with ``--compiled``, on a GPU: ``make bench``'s graphed step of AGC (torch.compile and
-   the whole step as one CUDA graph) with each variant, from the same seed: its ms per step,
-   and how far its parameters end from the fills' after the same steps.
+2. with ``--compiled``, on a GPU, after part 1 at every batch: ``make bench``'s graphed step
+   of AGC (torch.compile and the whole step as one CUDA graph) with each variant, from the
+   same seed: its ms per step, and how far its parameters end from the fills' after the
+   same steps; or the error that compiling it raised.
+
+First, on any machine, it asks whether torch.compile takes kept counters at all
+(``compiles_counters``). The backward's reduction mutates the counters by what it reads
+from the gradient. Kept, they are a tensor the compiled forward did not make, and
+AOTAutograd, which compiles a training step, may not carry such a mutation out of the
+backward. That is checked on a stand-in of plain torch ops with the same pattern, since
+kernels run by Triton's interpreter cannot be compiled.
 
 Not a test and no part of ``make bench``: a one-off A/B for a GPU run. Without a GPU it
-checks part 1's results only (Triton's interpreter, a small input).
+checks part 1's results only (Triton's interpreter, a small input), after the stand-in.
 
 python results/benchmark-h100/counter_fills_ab.py [--batches 1 8] [--rounds 3] [--compiled]
 """
@@ -45,6 +53,7 @@ from deepcontrol.benchmark import (  # noqa: E402
     Config,
     Setting,
     agc_inputs,
+    failure,
     mode_step,
     random_batch,
     run_as,
@@ -97,6 +106,55 @@ def check(layers: list[tuple], counters: Callable = kept_counters) -> str:
     return f"counters of size {left} not left zeroed" if left else ""
 
 
+class _UsesCounters(torch.autograd.Function):
+    """The fused AGC's use of its counters, in plain torch ops: the forward takes them from
+    ``triton_agc._counters``, counts into them (from 0 to 1, by a value read from the input)
+    and saves them; the backward reads what the forward left and counts them back to 0 (by
+    a value read from the gradient), as the backward's reduction leaves them."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, y: torch.Tensor) -> torch.Tensor:
+        counters = triton_agc._counters(y)
+        counters.add_((y.sum() * 0 + 1).int())
+        ctx.save_for_backward(counters)
+        return y * 2
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (counters,) = ctx.saved_tensors
+        seen = counters.sum()
+        counters.sub_((grad.sum() * 0 + 1).int())
+        return grad * 2 + seen
+
+
+def compiles_counters(name: str, device: torch.device) -> str:
+    """Whether torch.compile (Inductor, fullgraph) takes ``_UsesCounters`` with counters as
+    ``name`` makes them: "" if three compiled steps give eager's gradient and leave every
+    counter zeroed, else what went wrong."""
+    y = torch.randn(2, 8, 5, 7, device=device, requires_grad=True)
+
+    def gradient(step: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        step(y).sum().backward()
+        grad, y.grad = y.grad, None
+        return grad
+
+    with variant(name) as buffers:
+        eager = gradient(_UsesCounters.apply)  # eager first, as compiled_step does
+        torch._dynamo.reset()
+        compiled = torch.compile(_UsesCounters.apply, backend="inductor", fullgraph=True)
+        try:
+            grads = [gradient(compiled) for _ in range(3)]
+        except Exception as error:  # its traceback goes to the output
+            return failure(error)
+        finally:
+            torch._dynamo.reset()
+        left = [b for b in (buffers or {}).values() if b.any()]
+    wrong = [i for i, grad in enumerate(grads) if not torch.equal(grad, eager)]
+    problems = [f"the gradients of steps {wrong} differ from eager's"] * bool(wrong)
+    problems += [f"{len(left)} counters are not left zeroed"] * bool(left)
+    return "; ".join(problems)
+
+
 def eager_ms(run: Callable[[], list], repeats: int) -> float:
     """Median ms of one ``run()`` launched eagerly, back to back."""
     return statistics.median(step_times(run, repeats, torch.device("cuda")))
@@ -146,7 +204,12 @@ def main() -> None:
     cfg = Config() if gpu else Config(height=32, width=64)
     where = torch.cuda.get_device_name() if gpu else "cpu (Triton's interpreter)"
     print(f"{where}, torch {torch.__version__}, {cfg.height}×{cfg.width}, bf16", flush=True)
-    for batch in args.batches if gpu else [1]:
+    for name in VARIANTS:
+        failed = compiles_counters(name, device)
+        print(f"torch.compile of the counters' use (a stand-in in torch ops), {name}: "
+              f"{failed or 'compiles and runs'}", flush=True)  # fmt: skip
+    batches = args.batches if gpu else [1]
+    for batch in batches:
         inputs = agc_inputs(Setting("agc", batch, "bf16", "eager"), cfg, device)
         layers = tuner.random_layers(inputs)
         wrong = check(layers)
@@ -157,12 +220,22 @@ def main() -> None:
         for label, ms in time_layers(layers, args.rounds, args.replays).items():
             print(f"  layers, {label}: {statistics.median(ms):.3f} ms "
                   f"(rounds: {', '.join(f'{m:.3f}' for m in ms)})", flush=True)  # fmt: skip
-        if args.compiled:
-            (fills_ms, fills), (kept_ms, kept) = (compiled_step(batch, cfg, n) for n in VARIANTS)
+    for batch in batches if gpu and args.compiled else []:
+        steps = {}
+        for name in VARIANTS:
+            try:
+                steps[name] = compiled_step(batch, cfg, name)
+                print(f"batch {batch}, compiled graphed step, {name}: "
+                      f"{steps[name][0]:.3f} ms", flush=True)  # fmt: skip
+            except Exception as error:  # kept counters may not compile (compiles_counters)
+                print(f"batch {batch}, compiled graphed step, {name}: {failure(error)}",
+                      flush=True)  # fmt: skip
+        if len(steps) == len(VARIANTS):
+            pairs = zip(steps["kept"][1], steps["fills"][1], strict=True)
             apart = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
-                        for a, b in zip(kept, fills, strict=True))  # fmt: skip
-            print(f"  compiled graphed step: fills {fills_ms:.3f} ms, kept {kept_ms:.3f} ms; "
-                  f"parameters apart by at most {apart:.1e} of their largest")  # fmt: skip
+                        for a, b in pairs)  # fmt: skip
+            print(f"batch {batch}, compiled graphed step: kept's parameters apart from the "
+                  f"fills' by at most {apart:.1e} of their largest", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
