@@ -19,10 +19,10 @@ zeroed once (``kept_counters``):
 
 First, on any machine, it asks whether torch.compile takes kept counters at all
 (``compiles_counters``). The backward's reduction mutates the counters by what it reads
-from the gradient. Kept, they are a tensor the compiled forward did not make, and
-AOTAutograd, which compiles a training step, may not carry such a mutation out of the
-backward. That is checked on a stand-in of plain torch ops with the same pattern, since
-kernels run by Triton's interpreter cannot be compiled.
+from the gradient. Kept, they are a tensor the compiled forward did not make: a pattern
+that torch.compile's ``aot_eager_decomp_partition`` backend refuses, though Inductor
+compiled it on a CPU (torch 2.14.1). It is checked on a stand-in of plain torch ops with
+the same pattern, since kernels run by Triton's interpreter cannot be compiled.
 
 Not a test and no part of ``make bench``: a one-off A/B for a GPU run. Without a GPU it
 checks part 1's results only (Triton's interpreter, a small input), after the stand-in.
