@@ -127,9 +127,9 @@ class _UsesCounters(torch.autograd.Function):
         return grad * 2 + seen
 
 
-def compiles_counters(name: str, device: torch.device) -> str:
-    """Whether torch.compile (Inductor, fullgraph) takes ``_UsesCounters`` with counters as
-    ``name`` makes them: "" if three compiled steps give eager's gradient and leave every
+def compiles_counters(name: str, device: torch.device, backend: str = "inductor") -> str:
+    """Whether torch.compile (``backend``, fullgraph) takes ``_UsesCounters`` with counters
+    as ``name`` makes them: "" if three compiled steps give eager's gradient and leave every
     counter zeroed, else what went wrong."""
     y = torch.randn(2, 8, 5, 7, device=device, requires_grad=True)
 
@@ -141,7 +141,7 @@ def compiles_counters(name: str, device: torch.device) -> str:
     with variant(name) as buffers:
         eager = gradient(_UsesCounters.apply)  # eager first, as compiled_step does
         torch._dynamo.reset()
-        compiled = torch.compile(_UsesCounters.apply, backend="inductor", fullgraph=True)
+        compiled = torch.compile(_UsesCounters.apply, backend=backend, fullgraph=True)
         try:
             grads = [gradient(compiled) for _ in range(3)]
         except Exception as error:  # its traceback goes to the output
