@@ -4,8 +4,8 @@ whether counters kept zeroed across layers and steps run under torch.compile.
 Each AGC layer's forward fills fresh counters (``triton_agc._counters``, a ``torch.zeros``)
 that its forward and backward reductions use and leave zeroed again: 25 fills a SegNet step,
 about 0.09 ms at batch 1 if each costs what AGC's other extra kernels do (an estimate). This
-A/B runs the same kernels with the counters taken instead from a buffer per device and size,
-zeroed once (``kept_counters``):
+A/B runs the same kernels with the counters taken instead from buffers zeroed once, one per
+device, size and pass (``kept_counters``):
 
 1. every SegNet AGC layer's fused forward and backward, as ``scripts/tune_agc_kernels.py
    --kernels elementwise`` runs them, bf16: first checked bit for bit against the fills'
@@ -18,11 +18,9 @@ zeroed once (``kept_counters``):
    same steps; or the error that compiling it raised.
 
 First, on any machine, it asks whether torch.compile takes kept counters at all
-(``compiles_counters``). The backward's reduction mutates the counters by what it reads
-from the gradient. Kept, they are a tensor the compiled forward did not make: a pattern
-that torch.compile's ``aot_eager_decomp_partition`` backend refuses, though Inductor
-compiled it on a CPU (torch 2.14.1). It is checked on a stand-in of plain torch ops with
-the same pattern, since kernels run by Triton's interpreter cannot be compiled.
+(``compiles_counters``): tensors the compiled graphs did not make, which each reduction
+changes by what it reads. It is checked on a stand-in of plain torch ops with the same
+pattern, since kernels run by Triton's interpreter cannot be compiled.
 
 Not a test and no part of ``make bench``: a one-off A/B for a GPU run. Without a GPU it
 checks part 1's results only (Triton's interpreter, a small input), after the stand-in.
@@ -66,25 +64,43 @@ from deepcontrol.nn import triton_agc  # noqa: E402
 VARIANTS = ("fills", "kept")
 
 
+def saved_counters(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The counters ``_UsesCounters``' backward uses: those its forward saved, as the fused
+    AGC's backward uses its forward's (``kept_counters`` changes both)."""
+    return saved
+
+
 @contextlib.contextmanager
 def kept_counters() -> Iterator[dict]:
-    """Within, the fused AGC takes its counters from buffers kept zeroed, one per device and
-    size, each made on first use. Never during a CUDA graph's capture: there it would be the
-    graph's memory, freed with the graph, so a layer first seen then gets a fill as before."""
+    """Within, the fused AGC takes its counters from buffers kept zeroed, made on first use:
+    one per device, size and pass, since the backward's reduction gets its own rather than
+    the forward's. torch.compile then finds each buffer changed by one graph only, which
+    Inductor can hand to a kernel as it is; the forward's, saved and changed by the
+    backward, it would copy in the backward and copy back (``compiles_counters``). Never
+    made during a CUDA graph's capture: there a buffer would be the graph's memory, freed
+    with the graph, so a layer first seen then gets a fill as before."""
     buffers: dict[tuple, torch.Tensor] = {}
+    backward = triton_agc.backward
 
-    def counters(y: torch.Tensor) -> torch.Tensor:
-        n, c = y.shape[:2]
+    def counters(like: torch.Tensor, kind: str = "forward") -> torch.Tensor:
+        n, c = like.shape[:2]
         c_blocks = triton_agc._blocks(c)[2]
-        key = (y.device, n * c_blocks + c_blocks)  # as triton_agc._counters sizes them
+        key = (like.device, n * c_blocks + c_blocks, kind)  # as triton_agc._counters sizes them
         if key in buffers:
             return buffers[key]
-        fill = torch.zeros(key[1], device=y.device, dtype=torch.int32)
-        if not (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+        fill = torch.zeros(key[1], device=like.device, dtype=torch.int32)
+        if not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
             buffers[key] = fill
         return fill
 
-    with mock.patch.object(triton_agc, "_counters", counters):
+    def backward_with_own_counters(grad_out, out, sums, counts, *params):  # noqa: ANN001, ANN202
+        return backward(grad_out, out, sums, counters(out, "backward"), *params)
+
+    with (
+        mock.patch.object(triton_agc, "_counters", counters),
+        mock.patch.object(triton_agc, "backward", backward_with_own_counters),
+        mock.patch(f"{__name__}.saved_counters", lambda saved, like: counters(like, "backward")),
+    ):
         yield buffers
 
 
@@ -102,28 +118,36 @@ def check(layers: list[tuple], counters: Callable = kept_counters) -> str:
         for attempt in ("first", "second"):
             if wrong := tuner.other_results(run, expected):
                 return f"{attempt} run: {wrong.replace('the committed settings', 'the fills')}"
-        left = [size for (_, size), buffer in buffers.items() if buffer.any()]
-    return f"counters of size {left} not left zeroed" if left else ""
+        left = [key[1:] for key, buffer in buffers.items() if buffer.any()]
+    return f"counters (size, pass) {left} not left zeroed" if left else ""
+
+
+def _one(t: torch.Tensor) -> torch.Tensor:
+    """1, computed from ``t``, as a kernel's count depends on what it reads."""
+    return (t.sum() * 0 + 1).int()
 
 
 class _UsesCounters(torch.autograd.Function):
-    """The fused AGC's use of its counters, in plain torch ops: the forward takes them from
-    ``triton_agc._counters``, counts into them (from 0 to 1, by a value read from the input)
-    and saves them; the backward reads what the forward left and counts them back to 0 (by
-    a value read from the gradient), as the backward's reduction leaves them."""
+    """The fused AGC's use of its counters, in plain torch ops. Each pass, as each of its
+    reductions does, counts into them from what it reads, reads what it counted and leaves
+    them zeroed: the forward, counters from ``triton_agc._counters``, which it saves; the
+    backward, those ``saved_counters`` gives it."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, y: torch.Tensor) -> torch.Tensor:
         counters = triton_agc._counters(y)
-        counters.add_((y.sum() * 0 + 1).int())
+        counters.add_(_one(y))
+        seen = counters.sum()
+        counters.sub_(_one(y))
         ctx.save_for_backward(counters)
-        return y * 2
+        return y * 2 + seen
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        (counters,) = ctx.saved_tensors
+        counters = saved_counters(*ctx.saved_tensors, grad)
+        counters.add_(_one(grad))
         seen = counters.sum()
-        counters.sub_((grad.sum() * 0 + 1).int())
+        counters.sub_(_one(grad))
         return grad * 2 + seen
 
 
