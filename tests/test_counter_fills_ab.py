@@ -15,7 +15,13 @@ from deepcontrol.nn import fused_agc
 pytestmark = pytest.mark.skipif(fused_agc.triton_agc is None, reason="Triton is not installed")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results" / "benchmark-h100"))
 import counter_fills_ab  # noqa: E402
-from counter_fills_ab import check, compiles_counters, kept_counters, tuner  # noqa: E402
+from counter_fills_ab import (  # noqa: E402
+    check,
+    compiles_counters,
+    kept_counters,
+    kernel_launches,
+    tuner,
+)
 
 
 def small_layers() -> list[tuple]:
@@ -67,3 +73,14 @@ def test_the_counters_use_compiles_with_kept_counters_and_a_wrong_one_is_caught(
 
     monkeypatch.setattr(counter_fills_ab._UsesCounters, "backward", staticmethod(leaves_minus_one))
     assert "counters are not left zeroed" in compiles_counters("kept", cpu)
+
+
+def test_kernel_launches_counts_the_runtimes_and_the_drivers_launches_only():
+    class Event:
+        def __init__(self, key: str, count: int) -> None:
+            self.key, self.count = key, count
+
+    events = [Event("cudaLaunchKernel", 3), Event("cudaLaunchKernelExC", 1),
+              Event("cuLaunchKernelEx", 2), Event("cudaMemcpyAsync", 5),
+              Event("cudaGraphLaunch", 7), Event("aten::relu", 4)]  # fmt: skip
+    assert kernel_launches(events) == 6

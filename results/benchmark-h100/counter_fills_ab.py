@@ -53,6 +53,7 @@ from deepcontrol.benchmark import (  # noqa: E402
     agc_inputs,
     failure,
     mode_step,
+    profiled,
     random_batch,
     run_as,
     step_times,
@@ -196,9 +197,17 @@ def time_layers(layers: list[tuple], rounds: int, replays: int) -> dict[str, lis
     return times
 
 
-def compiled_step(batch: int, cfg: Config, name: str) -> tuple[float, list[torch.Tensor]]:
+def kernel_launches(events: list) -> int:
+    """Kernel launches among torch.profiler's events, through the runtime or (Triton's) the
+    driver."""
+    return sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel")))
+
+
+def compiled_step(batch: int, cfg: Config, name: str) -> tuple[float, int, list[torch.Tensor]]:
     """Median ms of ``make bench``'s graphed AGC step at ``batch`` with counters as ``name``
-    makes them, and the parameters after its warm-up and timed steps."""
+    makes them; the kernels its second step launched (compiled, before the graph is
+    recorded: what the graph then holds); and the parameters after its warm-up and timed
+    steps."""
     device = torch.device("cuda")
     setting = Setting("agc", batch, "bf16", "graphed")
     with variant(name):
@@ -210,10 +219,14 @@ def compiled_step(batch: int, cfg: Config, name: str) -> tuple[float, list[torch
             model(data[0]).float().sum().backward()
         optimizer.zero_grad(set_to_none=True)
         take = mode_step(setting, run_as(model, setting.mode), optimizer, loss_fn)
-        for _ in range(cfg.warmup):
+        take(*data)  # compiles; GraphedSGDStep records from its fourth step
+        # profiled before any graph is recorded (run 5's loop profile used the profiler with
+        # CUDA graphs on this image); an error here is the caller's, as a failed compile is
+        launches = kernel_launches(profiled(lambda: take(*data), device))
+        for _ in range(cfg.warmup - 2):
             take(*data)
         ms = statistics.median(step_times(lambda: take(*data), cfg.steps, device))
-    return ms, [p.detach().clone() for p in model.parameters()]
+    return ms, launches, [p.detach().clone() for p in model.parameters()]
 
 
 def main() -> None:
@@ -249,13 +262,13 @@ def main() -> None:
         for name in VARIANTS:
             try:
                 steps[name] = compiled_step(batch, cfg, name)
-                print(f"batch {batch}, compiled graphed step, {name}: "
-                      f"{steps[name][0]:.3f} ms", flush=True)  # fmt: skip
+                print(f"batch {batch}, compiled graphed step, {name}: {steps[name][0]:.3f} ms, "
+                      f"{steps[name][1]} kernels launched", flush=True)  # fmt: skip
             except Exception as error:  # kept counters may not compile (compiles_counters)
                 print(f"batch {batch}, compiled graphed step, {name}: {failure(error)}",
                       flush=True)  # fmt: skip
         if len(steps) == len(VARIANTS):
-            pairs = zip(steps["kept"][1], steps["fills"][1], strict=True)
+            pairs = zip(steps["kept"][2], steps["fills"][2], strict=True)
             apart = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
                         for a, b in pairs)  # fmt: skip
             print(f"batch {batch}, compiled graphed step: kept's parameters apart from the "
