@@ -93,6 +93,22 @@ def test_accuracy_rows_are_the_three_seeds_means(errors: dict) -> None:
         assert numbers(row(claim)[1]) == values, claim
 
 
+def test_the_learning_speed_row_is_the_three_seeds_mean_errors_by_epoch() -> None:
+    runs = read_runs_csv(RESULTS / "camvid-cpu-small/60-epochs/all-seeds/runs.csv")
+    epochs = (10, 20, 30)
+
+    def at(model: str, norm: str) -> list[str]:
+        per_seed = [{r["epoch"]: r["val_pixel_error"] for r in rows} for rows in runs.values()
+                    if (rows[0]["model"], rows[0]["norm"], rows[0]["batch_size"], rows[0]["lr"])
+                    == (model, norm, 4, 0.08)]  # fmt: skip
+        assert len(per_seed) == 3, (model, norm)
+        return [f"{100 * statistics.mean(e[epoch] for e in per_seed):.2f}" for epoch in epochs]
+
+    expected = [*map(str, epochs), *at("segnet", "agc"), *at("segnet", "bn"),
+                *at("classnet", "agc"), *at("classnet", "bn")]  # fmt: skip
+    assert numbers(row("AGC learns as fast as BN, epoch for epoch (Fig. 1c, d)")[1]) == expected
+
+
 def test_the_lr_row_and_the_divergences(errors: dict) -> None:
     diverged = final_errors()[1]
     paper, measured = row("AGC trains at batch 8 with lr up to 0.64 (Fig. 1h)")
