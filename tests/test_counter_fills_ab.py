@@ -30,7 +30,7 @@ def small_layers() -> list[tuple]:
     return tuner.random_layers(small_agc_inputs())
 
 
-def test_kept_counters_give_the_fills_results_and_are_made_once_per_size():
+def test_kept_counters_give_the_fills_results_and_are_made_once_per_shape_and_pass():
     layers = small_layers()
     assert check(layers) == ""
     with kept_counters() as buffers:

@@ -5,7 +5,7 @@ Each AGC layer's forward fills fresh counters (``triton_agc._counters``, a ``tor
 that its forward and backward reductions use and leave zeroed again: 25 fills a SegNet step,
 about 0.09 ms at batch 1 if each costs what AGC's other extra kernels do (an estimate). This
 A/B runs the same kernels with the counters taken instead from buffers zeroed once, one per
-device, size and pass (``kept_counters``):
+device, layer shape (samples and channels) and pass (``kept_counters``):
 
 1. every SegNet AGC layer's fused forward and backward, as ``scripts/tune_agc_kernels.py
    --kernels elementwise`` runs them, bf16: first checked bit for bit against the fills'
@@ -74,25 +74,24 @@ def saved_counters(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def kept_counters() -> Iterator[dict]:
     """Within, the fused AGC takes its counters from buffers kept zeroed, made on first use:
-    one per device, size and pass, since the backward's reduction gets its own rather than
+    one per device, layer shape and pass, since the backward's reduction gets its own rather than
     the forward's. torch.compile then finds each buffer changed by one graph only, which
     Inductor can hand to a kernel as it is; the forward's, saved and changed by the
     backward, it would copy in the backward and copy back (``compiles_counters``). Never
     made during a CUDA graph's capture: there a buffer would be the graph's memory, freed
     with the graph, so a layer first seen then gets a fill as before."""
     buffers: dict[tuple, torch.Tensor] = {}
-    backward = triton_agc.backward
+    fill, backward = triton_agc._counters, triton_agc.backward
 
     def counters(like: torch.Tensor, kind: str = "forward") -> torch.Tensor:
-        n, c = like.shape[:2]
-        c_blocks = triton_agc._blocks(c)[2]
-        key = (like.device, n * c_blocks + c_blocks, kind)  # as triton_agc._counters sizes them
+        # _counters sizes them from the samples and channels alone
+        key = (like.device, tuple(like.shape[:2]), kind)
         if key in buffers:
             return buffers[key]
-        fill = torch.zeros(key[1], device=like.device, dtype=torch.int32)
+        made = fill(like)
         if not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
-            buffers[key] = fill
-        return fill
+            buffers[key] = made
+        return made
 
     def backward_with_own_counters(grad_out, out, sums, counts, *params):  # noqa: ANN001, ANN202
         return backward(grad_out, out, sums, counters(out, "backward"), *params)
@@ -120,7 +119,7 @@ def check(layers: list[tuple], counters: Callable = kept_counters) -> str:
             if wrong := tuner.other_results(run, expected):
                 return f"{attempt} run: {wrong.replace('the committed settings', 'the fills')}"
         left = [key[1:] for key, buffer in buffers.items() if buffer.any()]
-    return f"counters (size, pass) {left} not left zeroed" if left else ""
+    return f"counters ((samples, channels), pass) {left} not left zeroed" if left else ""
 
 
 def _one(t: torch.Tensor) -> torch.Tensor:
@@ -174,9 +173,11 @@ def compiles_counters(name: str, device: torch.device, backend: str = "inductor"
         finally:
             torch._dynamo.reset()
         left = [b for b in (buffers or {}).values() if b.any()]
-    wrong = [i for i, grad in enumerate(grads) if not torch.equal(grad, eager)]
-    problems = [f"the gradients of steps {wrong} differ from eager's"] * bool(wrong)
-    problems += [f"{len(left)} counters are not left zeroed"] * bool(left)
+    problems = []
+    if wrong := [i for i, grad in enumerate(grads) if not torch.equal(grad, eager)]:
+        problems.append(f"the gradients of steps {wrong} differ from eager's")
+    if left:
+        problems.append(f"{len(left)} counters are not left zeroed")
     return "; ".join(problems)
 
 
