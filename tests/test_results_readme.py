@@ -1,4 +1,6 @@
-"""results/README.md's table of the paper's claims, recomputed from the files it cites.
+"""results/README.md's table of the paper's claims, recomputed from the files it cites; and
+each GPU report's target count and Figure 1 cost where the folder index and README.md
+state them.
 
 Each row's numbers, in the order they appear, must be those the committed runs.csv and
 benchmark reports give, so the table cannot drift from them: a new report that moves one
@@ -198,3 +200,26 @@ def test_the_targets_count() -> None:
     targets = report("benchmark.json")["targets"]
     met = sum(t["met"] for t in targets)
     assert f"({met} of {len(targets)} met)" in claims_section()
+
+
+@pytest.mark.parametrize("name, gpu", [("benchmark.json", "H100"),
+                                       ("benchmark-h200/report-3a0401a.json", "H200")])  # fmt: skip
+def test_each_reports_count_and_cost_where_the_folder_index_states_them(name: str, gpu: str):
+    run = report(name)
+    assert gpu in run["environment"]["gpu"], name
+    met, judged = sum(t["met"] for t in run["targets"]), len(run["targets"])
+    [hours] = [c["gpu_hours"] for c in run["figure1_cost"] if c["precision"] == "bf16"]
+    folder = f"{name.split('/')[0]}/" if "/" in name else "benchmark.md"
+    [index_row] = [line for line in (RESULTS / "README.md").read_text().splitlines()
+                   if line.startswith(f"| `{folder}`")]  # fmt: skip
+    assert re.search(rf"\b{met} of (the )?{judged} target rows met", index_row), index_row
+    assert f"{hours:.2f} {gpu}-hours in bf16" in index_row, index_row
+
+
+def test_the_top_readme_states_run_6s_count_and_cost() -> None:
+    run6 = report("benchmark.json")
+    met, judged = sum(t["met"] for t in run6["targets"]), len(run6["targets"])
+    [hours] = [c["gpu_hours"] for c in run6["figure1_cost"] if c["precision"] == "bf16"]
+    readme = " ".join((RESULTS.parent / "README.md").read_text().split())  # lines joined
+    assert f"{met} of the {judged} target rows are met" in readme
+    assert f"cost at most {hours:.2f} H100-hours in bf16 (run 6)" in readme
