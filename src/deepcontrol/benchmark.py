@@ -35,9 +35,9 @@ from deepcontrol.atomic import write_atomic
 from deepcontrol.config import compose
 from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.data.registry import get_format
-from deepcontrol.engine import StepFn, autocast, eager_step, evaluate, train_one_epoch
+from deepcontrol.engine import StepFn, autocast, evaluate, train_one_epoch
 from deepcontrol.figure1 import figure1_runs
-from deepcontrol.graphed_step import GraphedSGDStep
+from deepcontrol.graphed_step import training_step_fn
 from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import MODELS
 from deepcontrol.nn import AutoGainControl2d, use_agc_kernels
@@ -212,9 +212,8 @@ def mode_step(
     setting: Setting, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn
 ) -> StepFn:
     """The SGD step of ``model`` (as ``run_as`` made it) as ``setting``'s mode takes it."""
-    if setting.mode == "graphed":
-        return GraphedSGDStep(model, optimizer, loss_fn, setting.precision)
-    return eager_step(model, optimizer, loss_fn, setting.precision)
+    return training_step_fn(model, optimizer, loss_fn, setting.precision,
+                            cuda_graph=setting.mode == "graphed")  # fmt: skip
 
 
 def training_loss() -> LossFn:
