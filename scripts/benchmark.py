@@ -7,10 +7,9 @@ python scripts/benchmark.py [--out DIR] [--reduced] [--precisions ...] [--modes 
     CUDA graphs (bn/agc/none) at batches 1, 4 and 8, the whole step graphed ("graphed") and
     reduce-overhead's ("cudagraphs"), 20 s to a minute of compiling each;
     ClassNet (bn/agc) at batch 4, where Figure 1 trains it; the validation forward as
-    training runs it (batch 16, eval mode); the largest batch
-    under 12 GiB; the training loop, validation included, against the bare step (eager at
-    batch 8, in each CUDA-graph mode at batch 1); the issue's targets and Figure 1's
-    GPU-hours.
+    training runs it (batch 16, eval mode); the largest batch under 12 GiB; the training
+    loop, validation included, against its bare step timed alike (eager at batch 8, in
+    each CUDA-graph mode at batch 1); the issue's targets and Figure 1's GPU-hours.
     Without a GPU (or with --reduced) a small grid on the CPU. Writes OUT/benchmark.md and
     OUT/benchmark.json (OUT: results, or outputs/benchmark-reduced for the small grid) after
     each measurement, so a run killed part way leaves its report.

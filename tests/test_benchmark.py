@@ -26,7 +26,8 @@ def cpu_config(**changes) -> Config:
     one step after none, with ``changes``."""
     small = Config(height=32, width=64, batches=(1,), norms=("agc", "none"),
                    precisions=("fp32",), modes=("eager",), warmup=0, steps=1, val_batch=2,
-                   memory_cap_gib=None, loop_steps=2, networks=("segnet",))  # fmt: skip
+                   memory_cap_gib=None, loop_steps=2, loop_rounds=1,
+                   networks=("segnet",))  # fmt: skip
     return replace(small, **changes)
 
 
@@ -391,9 +392,8 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path, capsy
         run_benchmark(cfg, torch.device("cpu"), save=save_then_cut)
     partial = saved[-1]
     # the targets' batch first, then the validation forwards (at 3 images), the loop check
-    # (with its bare steps at batch 2), then the rest of the grid, where the cut came
-    assert measured == [("agc", 1), ("none", 1), ("bn", 3), ("agc", 3), ("bn", 2), ("agc", 2),
-                        ("agc", 2)]  # fmt: skip
+    # (which times its bare steps itself), then the rest of the grid, where the cut came
+    assert measured == [("agc", 1), ("none", 1), ("bn", 3), ("agc", 3), ("agc", 2)]
     assert not partial["complete"] and len(partial["steps"]) == 3 and len(partial["loop"]) == 2
     assert [len(report["pending"]) for report in saved] == [7, 6, 5, 4, 3, 2, 1]
     assert partial["pending"] == ["none 2 fp32 eager"] and partial["unmeasured"] == []
@@ -408,7 +408,7 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path, capsy
     assert "median of 1 steps after 0 warm-up" in (tmp_path / "benchmark.md").read_text()
     capsys.readouterr()
     report = run_benchmark(cfg, torch.device("cpu"), previous=partial)
-    assert measured[7:] == [("none", 2)]  # the one step timing the cut run did not take
+    assert measured[5:] == [("none", 2)]  # the one step timing the cut run did not take
     # the log says which rows were taken over, and what each new one cost
     log = capsys.readouterr().out.splitlines()
     assert len(log) == 8 and sum(line.endswith("(saved earlier)") for line in log) == 7
@@ -425,7 +425,7 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path, capsy
                      other_code, timed_alone):  # fmt: skip
         del measured[:]
         run_benchmark(cfg, torch.device("cpu"), previous=previous)
-        assert len(measured) == 8  # 4 step timings, 2 validations and the loop's 2 bare steps
+        assert len(measured) == 6  # 4 step timings and 2 validations
 
 
 def test_what_the_targets_and_figure1_read_is_measured_first():
@@ -468,7 +468,8 @@ def test_what_the_targets_and_figure1_read_is_measured_first():
 
 def test_the_loop_is_also_checked_with_cuda_graphs_at_batch_1(compile_stand_in):
     """Where each step is shortest, the loop's own host work has the least time to hide
-    in. Its bare step is the grid's. (A stand-in compiler replaces inductor and so CUDA
+    in. Its bare steps take the loop's own compiled step, on a batch shaped as the loop's:
+    nothing is compiled for them. (A stand-in compiler replaces inductor and so CUDA
     graphs.)"""
     cfg = cpu_config(norms=("bn", "agc"), modes=("eager", "cudagraphs"), compiled_batches=(1,),
                      compiled_precisions=("fp32",), compiled_norms=("bn", "agc"), warmup=1,
@@ -477,9 +478,51 @@ def test_the_loop_is_also_checked_with_cuda_graphs_at_batch_1(compile_stand_in):
     assert compile_stand_in == [False] * 4  # the grid's two steps, the two loops
     loops = {(r["norm"], r["mode"]): r for r in report["loop"]}
     assert set(loops) == {(n, m) for n in ("bn", "agc") for m in ("eager", "cudagraphs")}
-    for (norm, mode), loop in loops.items():
-        [bare] = [r for r in report["steps"] if (r["norm"], r["mode"]) == (norm, mode)]
-        assert loop["bare_step_images_per_s"] == bare["images_per_s"] and loop["ratio"] > 0
+    for loop in loops.values():
+        assert loop["ratio"] == pytest.approx(
+            loop["loop_images_per_s"] / loop["bare_step_images_per_s"]
+        )
+        assert loop["ratio"] > 0 and not loop["error"]
+
+
+def test_the_loop_and_its_bare_step_are_timed_alike_in_turn(monkeypatch):
+    """After a warm-up epoch, bare steps and epochs alternate, each timed whole by the
+    same clock, and each side's median is taken: a step whose time varies weighs on both."""
+    calls, took = [], {"epoch": iter([5.0, 4.0, 9.0]), "bare_steps": iter([3.0, 8.0, 2.0])}
+
+    class Loop:
+        def epoch(self):
+            calls.append("epoch")
+
+        def bare_steps(self):
+            calls.append("bare_steps")
+
+    def seconds(work, device):
+        work()
+        return next(took[work.__name__])
+
+    monkeypatch.setattr(benchmark, "seconds", seconds)
+    loop_s, bare_s = benchmark.loop_and_bare_seconds(Loop(), cpu_config(loop_rounds=3), "cpu")
+    assert calls == ["epoch"] + ["bare_steps", "epoch"] * 3
+    assert (loop_s, bare_s) == (5.0, 3.0)
+
+
+def test_the_bare_steps_are_as_many_as_an_epoch_trains_on_a_batch_like_its_own():
+    setting = benchmark.Setting("agc", 2, "fp32", "eager")
+    loop = benchmark.training_loop(setting, cpu_config(loop_steps=3), torch.device("cpu"))
+    taken = []
+    loop.step = lambda *batch, scale=None: taken.append((*batch, loop.model.training))
+    loop.validate()  # which leaves the model in eval mode
+    loop.bare_steps()
+    assert all(training for *_, training in taken)
+    taken = [batch[:3] for batch in taken]
+    [(images, labels, contours)] = {tuple(map(id, batch)): batch for batch in taken}.values()
+    assert len(taken) == 3 == len(loop.train)
+    for bare, own in zip((images, labels, contours), next(iter(loop.train)), strict=True):
+        if own is None:
+            assert bare is None
+        else:
+            assert (bare.shape, bare.stride(), bare.dtype) == (own.shape, own.stride(), own.dtype)
 
 
 def test_past_the_time_limit_nothing_new_starts_and_a_rerun_goes_on(tmp_path):

@@ -8,8 +8,8 @@ from conftest import AtenCalls
 from torch import nn
 
 from deepcontrol.config import compose
-from deepcontrol.engine import eager_step
-from deepcontrol.graphed_step import GraphedSGDStep
+from deepcontrol.engine import eager_step, sgd_step
+from deepcontrol.graphed_step import GraphedSGDStep, training_step_fn
 from deepcontrol.losses import build_loss
 from deepcontrol.models import MODELS
 from deepcontrol.nn import ConvNormReLU
@@ -48,6 +48,13 @@ def test_it_needs_a_cuda_model_and_a_warmup():
         GraphedSGDStep(nn.Conv2d(3, 4, 1), None, loss_fn(), "fp32")
     with pytest.raises(ValueError, match="warmup must be 1 or more steps, got 0"):
         GraphedSGDStep(nn.Conv2d(3, 4, 1), None, loss_fn(), "fp32", warmup=0)
+
+
+def test_training_takes_the_graphed_step_only_with_cuda_graphs():
+    model = nn.Conv2d(3, 4, 1)
+    assert training_step_fn(model, None, loss_fn(), "fp32", cuda_graph=False).func is sgd_step
+    with pytest.raises(ValueError, match="needs the model on a CUDA device, not cpu"):
+        training_step_fn(model, None, loss_fn(), "fp32", cuda_graph=True)  # GraphedSGDStep's
 
 
 # What a CUDA graph cannot record: a read of a value on the host, and an op whose result's

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deepcontrol.engine import sgd_step
+from deepcontrol.engine import StepFn, eager_step, sgd_step
 from deepcontrol.losses import LossFn
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # images, labels, contours
@@ -128,3 +128,18 @@ class GraphedSGDStep:
             with torch.cuda.graph(graph, stream=self.stream):
                 loss = self._step(own)
         return _Recorded(graph, own, loss)
+
+
+def training_step_fn(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    precision: str,
+    cuda_graph: bool,
+) -> StepFn:
+    """The SGD step training takes (``train.cuda_graph``): ``GraphedSGDStep`` or, without
+    CUDA graphs, ``sgd_step`` eagerly. Built after any checkpoint's optimiser state is
+    loaded, which a recorded graph would not see."""
+    if cuda_graph:
+        return GraphedSGDStep(model, optimizer, loss_fn, precision)
+    return eager_step(model, optimizer, loss_fn, precision)

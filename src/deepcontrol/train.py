@@ -41,7 +41,7 @@ from deepcontrol.engine import (
     save_checkpoint,
     train_one_epoch,
 )
-from deepcontrol.graphed_step import GraphedSGDStep
+from deepcontrol.graphed_step import training_step_fn
 from deepcontrol.locks import exclusive_lock
 from deepcontrol.logging import RunLogger, read_json
 from deepcontrol.losses import LossFn, build_loss
@@ -361,9 +361,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     model = wrap_model(model, place, cfg.norm.sync)
     net = unwrap(model)  # the network itself: checkpoints, evaluation, λ
     model = compile_model(model, cfg.train.compile)
-    step = None  # sgd_step, eagerly
-    if cfg.train.cuda_graph:  # after the checkpoint's optimiser state is loaded, as it needs
-        step = GraphedSGDStep(model, optimizer, loss_fn, cfg.train.precision)
+    step = training_step_fn(model, optimizer, loss_fn, cfg.train.precision,
+                            check_cuda_graph(cfg))  # fmt: skip
 
     samples_per_epoch = data.train.num_samples - data.train.dropped_per_epoch
     facts = _run_facts(cfg, data, place.world_size, device, net)
