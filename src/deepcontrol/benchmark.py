@@ -866,7 +866,9 @@ def figure1_cost(report: dict, precision: str) -> dict | None:
                         "runs": run.runs, "mode": step["mode"], "ms_per_step": step["ms_per_step"],
                         "gpu_hours": run.runs * run.epochs * epoch_ms / 1000 / 3600,
                         "untimed_modes": untimed_modes})  # fmt: skip
-    return {"gpu_hours": sum(r["gpu_hours"] for r in per_run),
+    # fsum: the correctly rounded total, as Python 3.12's sum gives and 3.11's may not, so a
+    # report written on the GPU machine's Python reads the same in CI's
+    return {"gpu_hours": math.fsum(r["gpu_hours"] for r in per_run),
             "runs": sum(r["runs"] for r in per_run), "precision": precision,
             "per_run": per_run}  # fmt: skip
 
