@@ -155,6 +155,13 @@ def report(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
 
 
+def targets_met_and_cost(report: dict) -> tuple[int, int, dict]:
+    """A GPU report's targets met, targets judged, and its Figure 1 cost in bf16."""
+    met, judged = sum(t["met"] for t in report["targets"]), len(report["targets"])
+    [cost] = [c for c in report["figure1_cost"] if c["precision"] == "bf16"]
+    return met, judged, cost
+
+
 def segnet_step(report: dict, mode: str, batch: int, norm: str) -> dict:
     wanted = ("segnet", "bf16", mode, batch, norm)
     fields = ("network", "precision", "mode", "batch", "norm")
@@ -197,9 +204,8 @@ def test_speed_row_is_run_6s_steps_and_runs_3_and_5s_eager_ones() -> None:
 
 
 def test_the_targets_count() -> None:
-    targets = report("benchmark.json")["targets"]
-    met = sum(t["met"] for t in targets)
-    assert f"({met} of {len(targets)} met)" in claims_section()
+    met, judged, _ = targets_met_and_cost(report("benchmark.json"))
+    assert f"({met} of {judged} met)" in claims_section()
 
 
 @pytest.mark.parametrize("name, gpu", [("benchmark.json", "H100"),
@@ -207,19 +213,16 @@ def test_the_targets_count() -> None:
 def test_each_reports_count_and_cost_where_the_folder_index_states_them(name: str, gpu: str):
     run = report(name)
     assert gpu in run["environment"]["gpu"], name
-    met, judged = sum(t["met"] for t in run["targets"]), len(run["targets"])
-    [hours] = [c["gpu_hours"] for c in run["figure1_cost"] if c["precision"] == "bf16"]
+    met, judged, cost = targets_met_and_cost(run)
     folder = f"{name.split('/')[0]}/" if "/" in name else "benchmark.md"
     [index_row] = [line for line in (RESULTS / "README.md").read_text().splitlines()
                    if line.startswith(f"| `{folder}`")]  # fmt: skip
     assert re.search(rf"\b{met} of (the )?{judged} target rows met", index_row), index_row
-    assert f"{hours:.2f} {gpu}-hours in bf16" in index_row, index_row
+    assert f"{cost['gpu_hours']:.2f} {gpu}-hours in bf16" in index_row, index_row
 
 
 def test_the_top_readme_states_the_h100_reports_count_and_cost() -> None:
-    h100 = report("benchmark.json")
-    met, judged = sum(t["met"] for t in h100["targets"]), len(h100["targets"])
-    [cost] = [c for c in h100["figure1_cost"] if c["precision"] == "bf16"]
+    met, judged, cost = targets_met_and_cost(report("benchmark.json"))
     bound = "at most " if any(run["untimed_modes"] for run in cost["per_run"]) else ""
     readme = " ".join((RESULTS.parent / "README.md").read_text().split())  # lines joined
     assert f"{met} of the {judged} target rows are met" in readme

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 from collections.abc import Callable, Iterator
@@ -41,9 +40,7 @@ from unittest import mock
 
 import torch
 
-if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn imports it)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# The tuner first: without a GPU it switches on Triton's interpreter before Triton is imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import tune_agc_kernels as tuner  # noqa: E402
 

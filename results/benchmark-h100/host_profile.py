@@ -24,7 +24,6 @@ python results/benchmark-h100/host_profile.py
 from __future__ import annotations
 
 import cProfile
-import os
 import pstats
 import sys
 import time
@@ -35,9 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn imports it)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# The tuner first: without a GPU it switches on Triton's interpreter before Triton is imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import tune_agc_kernels as tuner  # noqa: E402
 from loop_profile import host_ms  # noqa: E402  (this folder, the script's)

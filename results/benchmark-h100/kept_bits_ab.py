@@ -22,15 +22,12 @@ from a checkout of b67a729.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn imports it)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# The tuner first: without a GPU it switches on Triton's interpreter before Triton is imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import tune_agc_kernels as tuner  # noqa: E402
 from kernel_instructions import load_kernels  # noqa: E402  (this folder, the script's)
