@@ -527,6 +527,34 @@ def test_the_bare_steps_are_as_many_as_an_epoch_trains_on_a_batch_like_its_own()
             assert (bare.shape, bare.stride(), bare.dtype) == (own.shape, own.stride(), own.dtype)
 
 
+def test_the_log_says_what_torch_compile_built_and_what_its_caches_had(tmp_path, monkeypatch):
+    """The note on a measurement's log line, from torch.compile's own counters: a graph built
+    into an empty cache, then the same graph compiled again after a reset, which Inductor's
+    and AOTAutograd's caches (on disk, so a carried cache dir serves too) then hold."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    notes = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        before = benchmark.compile_counts()
+        double_sine = torch.compile(lambda x: (x.sin() * 2).sum(), dynamic=False)
+        double_sine(torch.randn(8, requires_grad=True)).backward()  # a forward and a backward
+        notes.append(benchmark.compile_note(before, benchmark.compile_counts()))
+    torch._dynamo.reset()
+    assert notes == [
+        "1 graph compiled, from the cache: Inductor 0 of 2, AOTAutograd 0 of 1",
+        "1 graph compiled, from the cache: Inductor 2 of 2, AOTAutograd 1 of 1",
+    ]
+    assert benchmark.compile_note(before, before) == ""  # nothing compiled: no note
+    # a cache that refused a graph says so; one that was not asked is left out
+    after = {**before, "graphs": before["graphs"] + 2,
+             "inductor_bypass": before["inductor_bypass"] + 4}  # fmt: skip
+    assert benchmark.compile_note(before, after) == (
+        "2 graphs compiled, from the cache: Inductor 0 of 4 (4 bypassed)"
+    )
+    after = {**before, "graphs": before["graphs"] + 1}  # a backend that is not Inductor
+    assert benchmark.compile_note(before, after) == "1 graph compiled, no cache"
+
+
 def test_past_the_time_limit_nothing_new_starts_and_a_rerun_goes_on(tmp_path):
     cfg = cpu_config(time_limit_s=0)
     report = run_benchmark(cfg, torch.device("cpu"))

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import EventList
 
@@ -600,6 +601,41 @@ def reusable(previous: dict | None, cfg: Config, device: torch.device) -> dict |
     return previous
 
 
+# torch.compile's counters (torch._dynamo.utils.counters) of the graphs it captures, and of
+# how Inductor's compiled-graph cache and AOTAutograd's cache answered for them
+COMPILE_COUNTERS = {
+    "graphs": ("stats", "unique_graphs"),
+    "inductor_hit": ("inductor", "fxgraph_cache_hit"),
+    "inductor_miss": ("inductor", "fxgraph_cache_miss"),
+    "inductor_bypass": ("inductor", "fxgraph_cache_bypass"),
+    "aot_hit": ("aot_autograd", "autograd_cache_hit"),
+    "aot_miss": ("aot_autograd", "autograd_cache_miss"),
+    "aot_bypass": ("aot_autograd", "autograd_cache_bypass"),
+}
+
+
+def compile_counts() -> dict[str, int]:
+    """``COMPILE_COUNTERS`` as they stand in this process."""
+    return {name: counters[group][key] for name, (group, key) in COMPILE_COUNTERS.items()}
+
+
+def compile_note(before: dict[str, int], after: dict[str, int]) -> str:
+    """What torch.compile did between two ``compile_counts``, for the log ("" if nothing):
+    the graphs it captured, and how many of their compiled forms each cache had. A compiled
+    setting's minute is mostly Inductor's work, which its cache saves (on disk, so a later
+    process or a carried cache dir finds it too); a cache that had none did not save it."""
+    d = {name: after[name] - before[name] for name in after}
+    if not d["graphs"]:
+        return ""
+    caches = []
+    for cache, name in (("inductor", "Inductor"), ("aot", "AOTAutograd")):
+        hit, bypass = d[f"{cache}_hit"], d[f"{cache}_bypass"]
+        if looked := hit + d[f"{cache}_miss"] + bypass:
+            caches.append(f"{name} {hit} of {looked}" + (f" ({bypass} bypassed)" if bypass else ""))
+    graphs = f"{d['graphs']} graph{'s' * (d['graphs'] != 1)} compiled"
+    return f"{graphs}, from the cache: {', '.join(caches)}" if caches else f"{graphs}, no cache"
+
+
 def run_benchmark(
     cfg: Config,
     device: torch.device,
@@ -635,10 +671,11 @@ def run_benchmark(
 
     def timed(work: Callable[[], object]) -> tuple:
         """``work()``'s result, and the seconds it took as the log gives them: compiling
-        included, what plans a GPU lease."""
-        started = time.monotonic()
+        included, what plans a GPU lease, with what torch.compile's caches saved of it."""
+        started, before = time.monotonic(), compile_counts()
         result = work()
-        return result, f"{time.monotonic() - started:.0f} s"
+        took = f"{time.monotonic() - started:.0f} s"
+        return result, "; ".join(filter(None, (took, compile_note(before, compile_counts()))))
 
     def take(kind: str, setting: Setting, measure: Callable[[Setting], dict]) -> bool:
         """``setting``'s row in ``report[kind]``: the saved one, or ``measure(setting)``'s if
