@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 from pathlib import Path
 
 from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -75,31 +74,32 @@ def pack(dest: Path, limit_mib: float, part_mib: float) -> list[Path]:
     if parts(dest):
         raise SystemExit(f"{dest} already holds {NAME} parts: pack into an empty folder")
     whole = dest / f".{NAME}.tmp"
-    with whole.open("wb") as out:  # many threads, a fast preset: device time is the cost
-        try:
-            tar = subprocess.Popen(["tar", "-C", str(root), "-cf", "-", *present],
-                                   stdout=subprocess.PIPE)  # fmt: skip
-            xz = subprocess.run(["xz", "-T0", "-1"], stdin=tar.stdout, stdout=out, check=False)
-        except FileNotFoundError as missing:
-            whole.unlink()
-            raise SystemExit(f"pack needs tar and xz on PATH: {missing}") from None
-        tar.stdout.close()
-        if tar.wait() or xz.returncode:
-            whole.unlink()
-            raise SystemExit(f"tar or xz failed packing {root}")
-    packed = whole.stat().st_size
-    if packed > limit_mib * MIB:
-        whole.unlink()
-        print(f"not packed: {packed / MIB:.1f} MiB compressed, over the limit of {limit_mib} MiB")
-        return []
-    written, step = [], int(part_mib * MIB)
-    with whole.open("rb") as source:
-        while chunk := source.read(step):
-            part = dest / f"{NAME}.{len(written):02d}"
-            with atomic_file(part) as temporary:  # a killed pack leaves no cut part
-                temporary.write_bytes(chunk)
-            written.append(part)
-    whole.unlink()
+    try:
+        with whole.open("wb") as out:  # many threads, a fast preset: device time is the cost
+            try:
+                tar = subprocess.Popen(["tar", "-C", str(root), "-cf", "-", *present],
+                                       stdout=subprocess.PIPE)  # fmt: skip
+                xz = subprocess.run(["xz", "-T0", "-1"], stdin=tar.stdout, stdout=out)
+            except FileNotFoundError as missing:
+                raise SystemExit(f"pack needs tar and xz on PATH: {missing}") from None
+            tar.stdout.close()
+            if tar.wait() or xz.returncode:
+                raise SystemExit(f"tar or xz failed packing {root}")
+        packed = whole.stat().st_size
+        if packed > limit_mib * MIB:
+            print(
+                f"not packed: {packed / MIB:.1f} MiB compressed, over the limit of {limit_mib} MiB"
+            )
+            return []
+        written, step = [], int(part_mib * MIB)
+        with whole.open("rb") as source:
+            while chunk := source.read(step):
+                part = dest / f"{NAME}.{len(written):02d}"
+                with atomic_file(part) as temporary:  # a killed pack leaves no cut part
+                    temporary.write_bytes(chunk)
+                written.append(part)
+    finally:  # the whole archive is only the parts' source
+        whole.unlink(missing_ok=True)
     print(f"packed: {packed / MIB:.1f} MiB in {len(written)} parts")
     return written
 
@@ -138,7 +138,6 @@ def main(argv: list[str] | None = None) -> None:
         pack(args.dest, args.limit_mib, args.part_mib)
     else:
         unpack(args.src)
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
