@@ -71,3 +71,13 @@ def test_bad_folders_are_named(tmp_path, monkeypatch):
     (tmp_path / "inductor-cache.tar.xz.00").write_bytes(b"old")
     with pytest.raises(SystemExit, match="already holds"):
         compile_cache.pack(tmp_path, limit_mib=46, part_mib=15)
+
+
+def test_parts_that_are_no_archive_are_named_not_a_broken_pipe(tmp_path, monkeypatch):
+    """A part that is not what pack wrote (2 MiB of noise, more than a pipe holds, so tar
+    stops reading before it is all written) fails with the folders named."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "inductor-cache.tar.xz.00").write_bytes(os.urandom(2 * 1024 * KIB))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit, match="tar could not extract .* from .*parts into .*cache"):
+        compile_cache.unpack(tmp_path / "parts")

@@ -26,6 +26,7 @@ python results/benchmark-h100/compile_cache.py unpack .compile-cache
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 from pathlib import Path
 
@@ -111,9 +112,10 @@ def unpack(src: Path) -> Path:
         raise SystemExit(f"{src} holds no {NAME}.NN parts (compile_cache.py pack writes them)")
     root = Path(cache_dir())
     tar = subprocess.Popen(["tar", "-C", str(root), "-xJf", "-"], stdin=subprocess.PIPE)
-    for part in found:
-        tar.stdin.write(part.read_bytes())
-    tar.stdin.close()
+    with contextlib.suppress(BrokenPipeError):  # tar stopped reading: its status says why
+        for part in found:
+            tar.stdin.write(part.read_bytes())
+        tar.stdin.close()
     if tar.wait():
         raise SystemExit(f"tar could not extract {NAME} from {src} into {root}")
     sizes = folder_sizes(root)
