@@ -3,7 +3,8 @@
 python scripts/benchmark.py [--out DIR] [--reduced] [--precisions ...] [--modes ...]
                             [--norms ...]
     On a CUDA GPU: 256×512, batches 1/4/8/16, norms bn/agc/agc-naive/none (--norms for
-    others: gn, in, agc-window, agc-median), bf16 and fp32 in eager mode; compiled with
+    others: gn, in, agc-window, agc-median), bf16 and fp32 (float32 proper; --precisions
+    tf32 for TF32 products) in eager mode; compiled with
     CUDA graphs (bn/agc/none) at batches 1, 4 and 8, the whole step graphed ("graphed") and
     reduce-overhead's ("cudagraphs"), 20 s to a minute of compiling each;
     ClassNet (bn/agc) at batch 4, where Figure 1 trains it; the validation forward as
@@ -38,6 +39,7 @@ from deepcontrol.benchmark import (
     run_benchmark,
     write_report,
 )
+from deepcontrol.engine import PRECISIONS
 from deepcontrol.nn import NORMS
 
 GPU_OUT = Path("results")
@@ -54,7 +56,13 @@ def main() -> None:
         help=f"where the report goes: {GPU_OUT} for the full grid, {REDUCED_OUT} for the reduced",
     )
     parser.add_argument("--reduced", action="store_true", help="the small CPU grid")
-    parser.add_argument("--precisions", nargs="+", help="a subset, e.g. bf16 (to split a run)")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=PRECISIONS,
+        metavar="PRECISION",
+        help="instead of bf16 fp32, e.g. bf16 to split a run, or tf32; each one of %(choices)s",
+    )
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, metavar="MODE", help="a subset of %(choices)s"
     )

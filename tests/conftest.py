@@ -34,6 +34,16 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def float32_flags() -> Iterator[None]:
+    """The process's TF32 flags (cuDNN's and cuBLAS's), as they were before the test."""
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    before = [f.allow_tf32 for f in flags]
+    yield
+    for f, allowed in zip(flags, before, strict=True):
+        f.allow_tf32 = allowed
+
+
+@pytest.fixture
 def compile_stand_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     """``torch.compile`` with AOT autograd's eager backend in place of inductor, whose C++
     build takes a minute a graph on this CPU: it traces the model as inductor would receive

@@ -49,6 +49,7 @@ def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
     assert "| segnet | fp32 | eager | 2 | agc-naive |" in text and "Targets: not assessed" in text
     assert "| classnet | fp32 | eager | 4 | agc |" in text
     assert "| classnet | fp32 | 3 | agc |" in text  # the validation forwards
+    assert "Precisions: fp32 is float32 proper (TF32 off), tf32 float32 with" in text
     environment = json.loads((tmp_path / "benchmark.json").read_text())["environment"]
     assert environment["device"] == "cpu"
     # the commit measured (this checkout's, or $DEEPCONTROL_COMMIT's where there is no git)
@@ -303,6 +304,19 @@ def test_figure1_cost_is_an_upper_bound_while_a_faster_mode_is_unmeasured(tmp_pa
     assert rows == ["| segnet | agc | 4 | 1 | eager | 10.00 | 0.32 | cudagraphs |"]
 
 
+@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("tf32", True), ("bf16", False)])
+def test_each_setting_computes_in_its_precisions_arithmetic(float32_flags, precision, tf32):
+    """The step and the validation forward set float32's arithmetic as training does: the
+    grid's fp32 is the paper's float32, not PyTorch's TF32 convolutions."""
+    cfg, cpu = cpu_config(), torch.device("cpu")
+    for work in (benchmark.training_step, benchmark.validation_pass):
+        for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
+            flags.allow_tf32 = not tf32
+        work(benchmark.Setting("none", 1, precision, "eager"), cfg, cpu)
+        assert torch.backends.cudnn.allow_tf32 is tf32, work
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32, work
+
+
 def test_compiled_modes_run_only_where_the_targets_look():
     settings = Config().settings()
     segnet = [s for s in settings if s.network == "segnet"]
@@ -421,8 +435,9 @@ def test_a_run_cut_short_goes_on_from_what_it_saved(monkeypatch, tmp_path, capsy
     # a finished report, or one measured another way or on other code, is measured again
     other_code = {**partial, "environment": {**partial["environment"], "code": "0123abcd"}}
     timed_alone = {k: v for k, v in partial.items() if k != "step_timing"}  # an older report
+    tf32_convs = {k: v for k, v in partial.items() if k != "arithmetic"}  # fp32 in TF32
     for previous in (report, {**partial, "config": {**partial["config"], "height": 64}},
-                     other_code, timed_alone):  # fmt: skip
+                     other_code, timed_alone, tf32_convs):  # fmt: skip
         del measured[:]
         run_benchmark(cfg, torch.device("cpu"), previous=previous)
         assert len(measured) == 6  # 4 step timings and 2 validations

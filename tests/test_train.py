@@ -63,6 +63,20 @@ def test_validation_error_falls(synthetic_root, cache, tmp_path, norm, lr):
     assert errors[-1] < errors[0] - 0.1, errors
 
 
+@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("tf32", True)])
+def test_the_run_sets_how_float32_convolutions_compute(
+    synthetic_root, cache, tmp_path, float32_flags, precision, tf32
+):
+    """fp32 is the paper's float32 even where PyTorch's default would run cuDNN's
+    convolutions in TF32; tf32 asks for TF32."""
+    for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
+        flags.allow_tf32 = not tf32
+    cfg = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", f"train.precision={precision}")
+    assert train(cfg, tmp_path)["status"] == "finished"
+    assert torch.backends.cudnn.allow_tf32 is tf32
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+
+
 def test_same_seed_same_metrics_and_resume_after_sigterm_matches(
     synthetic_root, cache, tmp_path, monkeypatch
 ):
@@ -308,7 +322,7 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("train.precision=fp16", "train.precision must be 'fp32' or 'bf16', got 'fp16'"),
+    [("train.precision=fp16", "train.precision must be one of fp32, tf32, bf16, got 'fp16'"),
      ("epochs=0", "epochs must be a positive integer, got 0"),
      ("optim.mean_scale_lr_mult=-1", "optim.mean_scale_lr_mult must be a number >= 0, got -1"),
      ("train.cuda_graph=true", "train.cuda_graph=true needs a CUDA device, got device=cpu")],

@@ -36,7 +36,13 @@ from deepcontrol.atomic import write_atomic
 from deepcontrol.config import compose
 from deepcontrol.data.loader import DeviceBatches
 from deepcontrol.data.registry import get_format
-from deepcontrol.engine import StepFn, autocast, evaluate, train_one_epoch
+from deepcontrol.engine import (
+    StepFn,
+    autocast,
+    evaluate,
+    train_one_epoch,
+    use_float32_arithmetic,
+)
 from deepcontrol.figure1 import figure1_runs
 from deepcontrol.graphed_step import training_step_fn
 from deepcontrol.losses import LossFn, build_loss
@@ -118,7 +124,7 @@ class Config:
     modes: tuple[str, ...] = ("eager", "graphed", "cudagraphs")
     compiled_batches: tuple[int, ...] = (1, 4, 8)
     compiled_norms: tuple[str, ...] = ("bn", "agc", "none")
-    compiled_precisions: tuple[str, ...] = ("bf16", "fp32")
+    compiled_precisions: tuple[str, ...] = ("bf16", "fp32", "tf32")  # tf32 if asked for
     warmup: int = 10
     steps: int = 30
     memory_cap_gib: float | None = 12.0  # the paper's TitanX
@@ -227,7 +233,8 @@ def trained_parts(
     setting: Setting, device: torch.device
 ) -> tuple[nn.Module, torch.optim.Optimizer, LossFn]:
     """``setting``'s network (seeded), its SGD and training's loss, as every timed step has
-    them."""
+    them, with float32's arithmetic set for its precision as training sets it."""
+    use_float32_arithmetic(setting.precision)
     torch.manual_seed(0)
     model = build(setting.norm, device, setting.network)
     return model, sgd(model, lr=0.01, momentum=0.9), training_loss()
@@ -264,6 +271,7 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
 def validation_pass(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
     """One validation forward of ``setting``'s network on fixed random data, as training
     evaluates: the uncompiled network in eval mode without gradients, whatever the mode."""
+    use_float32_arithmetic(setting.precision)
     torch.manual_seed(0)
     model = build(setting.norm, device, setting.network).eval()
     images = random_images(setting, cfg, device)
@@ -579,6 +587,11 @@ SECTIONS = {"steps": "", "validation": "validation ", "loop": "the training-loop
 # How steps are timed, as reports record it (step_times). Reports written before it was
 # recorded timed each step alone, waiting for the device after it, and say nothing.
 STEP_TIMING = "run back to back (as training runs them)"
+# What each precision computes in, as reports record it (use_float32_arithmetic). Reports
+# written before it was recorded ran fp32's convolutions in TF32, PyTorch's default on the
+# GPUs they ran on, and say nothing.
+ARITHMETIC = ("fp32 is float32 proper (TF32 off), tf32 float32 with cuDNN's and cuBLAS's "
+              "products in TF32, bf16 autocast")  # fmt: skip
 # What a saved measurement must share with a new one to be reused.
 SAME_MEASUREMENT = ("height", "width", "warmup", "steps", "loop_steps", "loop_rounds",
                     "memory_cap_gib", "val_batch")  # fmt: skip
@@ -590,9 +603,10 @@ def reusable(previous: dict | None, cfg: Config, device: torch.device) -> dict |
     report is never reused: running the benchmark again measures again."""
     if not previous or previous.get("complete", True):
         return None
-    now = {"environment": environment(device), "step_timing": STEP_TIMING,
+    now = {"environment": environment(device), "step_timing": STEP_TIMING, "arithmetic": ARITHMETIC,
            **{k: getattr(cfg, k) for k in SAME_MEASUREMENT}}  # fmt: skip
     then = {"environment": previous.get("environment"), "step_timing": previous.get("step_timing"),
+            "arithmetic": previous.get("arithmetic"),
             **{k: previous.get("config", {}).get(k) for k in SAME_MEASUREMENT}}  # fmt: skip
     differ = sorted(k for k in now if now[k] != then[k])
     if differ:
@@ -657,7 +671,8 @@ def run_benchmark(
     old = reusable(previous, cfg, device) or {}
     report = {"environment": environment(device), "config": asdict(cfg), "steps": [],
               "validation": [], "loop": [], "reused_steps": 0, "unmeasured": [],
-              "pending": [], "complete": False, "step_timing": STEP_TIMING}  # fmt: skip
+              "pending": [], "complete": False, "step_timing": STEP_TIMING,
+              "arithmetic": ARITHMETIC}  # fmt: skip
     saved = {kind: {_key(row): row for row in old.get(kind, [])} for kind in SECTIONS}
     grid = cfg.settings()
     order = {_key(asdict(s)): i for i, s in enumerate(grid)}
@@ -931,6 +946,7 @@ def write_report(report: dict, out_dir: Path, command: str) -> None:
              "torch.cuda.max_memory_allocated: over the timed steps (not cuDNN's one-off "
              "algorithm search in the warm-up), or with CUDA graphs from the start (their "
              "memory is taken when they are recorded).", "",
+             *([f"Precisions: {report['arithmetic']}.", ""] if report.get("arithmetic") else []),
              *([f"{report['reused_steps']} of {len(report['steps'])} step timings were taken by "
                 "an earlier, interrupted invocation on the same device and software.", ""]
                if report["reused_steps"] else []),

@@ -29,16 +29,39 @@ def class_logits(outputs: Outputs) -> torch.Tensor:
     return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
 
 
+# train.precision: float32 proper (the paper's), float32 with TF32 products, bf16 autocast
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 def check_precision(precision: str) -> None:
-    """``train.precision`` is fp32 or bf16."""
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {precision!r}")
+    """``train.precision`` is one of ``PRECISIONS``."""
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision="bf16"``; full float32 for ``"fp32"``."""
+    """bf16 autocast for ``precision="bf16"``; float32 tensors otherwise."""
     check_precision(precision)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def use_float32_arithmetic(precision: str) -> None:
+    """Whether cuDNN's convolutions and cuBLAS's matrix products on float32 tensors round
+    their inputs to TF32 (10 of float32's 23 mantissa bits): only for ``"tf32"``.
+
+    PyTorch's own default does so for convolutions on Ampere and later GPUs, so an "fp32"
+    run there would not compute as the paper's fp32 did (Theano on a TitanX, which has no
+    TF32). Under bf16 autocast the convolutions take bf16 and this reaches only what
+    autocast keeps in float32. The flags are the process's: a run sets them before its
+    first step, as it sets ``cudnn.benchmark``."""
+    check_precision(precision)
+    tf32 = precision == "tf32"
+    # The flags PyTorch has had since 1.7; its newer per-backend API must not be mixed with
+    # them, which other code may still read
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def sgd_step(

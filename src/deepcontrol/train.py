@@ -40,6 +40,7 @@ from deepcontrol.engine import (
     load_checkpoint,
     save_checkpoint,
     train_one_epoch,
+    use_float32_arithmetic,
 )
 from deepcontrol.graphed_step import training_step_fn
 from deepcontrol.locks import exclusive_lock
@@ -338,6 +339,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             return previous
 
     torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+    use_float32_arithmetic(cfg.train.precision)
     place, device = init_distributed(resolve_device(cfg.device))
     if not place.is_main:  # one process speaks for the run
         log.setLevel(logging.WARNING)
