@@ -72,7 +72,8 @@ def test_the_run_sets_how_float32_convolutions_compute(
     for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
         flags.allow_tf32 = not tf32
     cfg = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", f"train.precision={precision}")
-    assert train(cfg, tmp_path)["status"] == "finished"
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "finished" and summary["tf32"] is tf32  # the run says which
     assert torch.backends.cudnn.allow_tf32 is tf32
     assert torch.backends.cuda.matmul.allow_tf32 is tf32
 

@@ -447,7 +447,9 @@ def _run_facts(
     cfg: DictConfig, data: Data, world_size: int, device: torch.device, net: torch.nn.Module
 ) -> dict:
     """What a run's summary records beside its config: the resolved lr and batch split, the
-    sizes, the class weights and where it ran."""
+    sizes, the class weights, where it ran, and whether its float32 products ran in TF32
+    (``use_float32_arithmetic``; runs of code before it say nothing, and ran cuDNN's
+    convolutions in TF32 on GPUs that have it)."""
     return {
         "lr": cfg.optim.lr,
         "batch_size": cfg.data.batch_size,
@@ -460,6 +462,7 @@ def _run_facts(
         "device": str(device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__,
+        "tf32": torch.backends.cudnn.allow_tf32,
     }
 
 
