@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +33,26 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_cityscapes(root, num_train=16, num_val=8, height=128, width=256)
 
 
+TF32_FLAGS = (torch.backends.cudnn, torch.backends.cuda.matmul)  # cuDNN's and cuBLAS's
+
+
+def tf32_allowed() -> list[bool]:
+    """Whether each of ``TF32_FLAGS`` lets float32 products round to TF32."""
+    return [flags.allow_tf32 for flags in TF32_FLAGS]
+
+
 @pytest.fixture
-def float32_flags() -> Iterator[None]:
-    """The process's TF32 flags (cuDNN's and cuBLAS's), as they were before the test."""
-    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
-    before = [f.allow_tf32 for f in flags]
-    yield
-    for f, allowed in zip(flags, before, strict=True):
-        f.allow_tf32 = allowed
+def float32_flags() -> Iterator[Callable[[bool], None]]:
+    """Sets all ``TF32_FLAGS`` to one value; the process's are restored after the test."""
+    before = tf32_allowed()
+
+    def allow(tf32: bool) -> None:
+        for flags in TF32_FLAGS:
+            flags.allow_tf32 = tf32
+
+    yield allow
+    for flags, allowed in zip(TF32_FLAGS, before, strict=True):
+        flags.allow_tf32 = allowed
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tf32_allowed
 
 from deepcontrol import benchmark
 from deepcontrol.benchmark import Config, figure1_cost, run_benchmark, targets, write_report
@@ -310,11 +310,9 @@ def test_each_setting_computes_in_its_precisions_arithmetic(float32_flags, preci
     grid's fp32 is the paper's float32, not PyTorch's TF32 convolutions."""
     cfg, cpu = cpu_config(), torch.device("cpu")
     for work in (benchmark.training_step, benchmark.validation_pass):
-        for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
-            flags.allow_tf32 = not tf32
+        float32_flags(not tf32)
         work(benchmark.Setting("none", 1, precision, "eager"), cfg, cpu)
-        assert torch.backends.cudnn.allow_tf32 is tf32, work
-        assert torch.backends.cuda.matmul.allow_tf32 is tf32, work
+        assert tf32_allowed() == [tf32, tf32], work
 
 
 def test_compiled_modes_run_only_where_the_targets_look():

@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import AtenCalls
+from conftest import AtenCalls, tf32_allowed
 from torch import nn
 
 from deepcontrol.config import compose
@@ -156,11 +156,9 @@ def test_unknown_precision_is_a_clear_error():
 
 @pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("tf32", True), ("bf16", False)])
 def test_only_tf32_lets_float32_products_round_to_tf32(float32_flags, precision, tf32):
-    for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
-        flags.allow_tf32 = not tf32
+    float32_flags(not tf32)
     use_float32_arithmetic(precision)
-    assert torch.backends.cudnn.allow_tf32 is tf32
-    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    assert tf32_allowed() == [tf32, tf32]
 
 
 @pytest.mark.skipif(
@@ -168,13 +166,13 @@ def test_only_tf32_lets_float32_products_round_to_tf32(float32_flags, precision,
     reason="TF32 needs a CUDA GPU of compute capability 8.0 or more; none is available here",
 )
 def test_fp32_convolutions_are_float32_proper_on_the_gpu(float32_flags):
-    """After PyTorch's default (TF32, 10 mantissa bits to float32's 23, about 4e-4 off
-    here), fp32's convolution on the GPU is as close to float64's as float32 allows."""
+    """After PyTorch's default (TF32: inputs rounded to 10 mantissa bits, float32 keeps
+    23), fp32's convolution on the GPU is as close to float64's as float32 allows."""
     torch.manual_seed(0)
     x = torch.randn(2, 64, 32, 32, dtype=torch.float64)
     w = torch.randn(64, 64, 3, 3, dtype=torch.float64)
     exact = torch.nn.functional.conv2d(x, w, padding=1)
-    torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+    float32_flags(True)  # PyTorch's default for cuDNN
     use_float32_arithmetic("fp32")
     got = torch.nn.functional.conv2d(x.float().cuda(), w.float().cuda(), padding=1)
     assert ((got.double().cpu() - exact).norm() / exact.norm()).item() < 1e-5

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_config, tiny_overrides
+from conftest import REPO, tf32_allowed, tiny_config, tiny_overrides
 from omegaconf import OmegaConf
 
 from deepcontrol.logging import RunLogger
@@ -69,13 +69,11 @@ def test_the_run_sets_how_float32_convolutions_compute(
 ):
     """fp32 is the paper's float32 even where PyTorch's default would run cuDNN's
     convolutions in TF32; tf32 asks for TF32."""
-    for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):
-        flags.allow_tf32 = not tf32
+    float32_flags(not tf32)
     cfg = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", f"train.precision={precision}")
     summary = train(cfg, tmp_path)
     assert summary["status"] == "finished" and summary["tf32"] is tf32  # the run says which
-    assert torch.backends.cudnn.allow_tf32 is tf32
-    assert torch.backends.cuda.matmul.allow_tf32 is tf32
+    assert tf32_allowed() == [tf32, tf32]
 
 
 def test_same_seed_same_metrics_and_resume_after_sigterm_matches(

@@ -229,14 +229,20 @@ def training_loss() -> LossFn:
     return build_loss(compose().loss, class_weights=None)
 
 
+def seeded_network(setting: Setting, device: torch.device) -> nn.Module:
+    """``setting``'s network, seeded so that each measurement of it starts alike, with
+    float32's arithmetic set for its precision as training sets it."""
+    use_float32_arithmetic(setting.precision)
+    torch.manual_seed(0)
+    return build(setting.norm, device, setting.network)
+
+
 def trained_parts(
     setting: Setting, device: torch.device
 ) -> tuple[nn.Module, torch.optim.Optimizer, LossFn]:
-    """``setting``'s network (seeded), its SGD and training's loss, as every timed step has
-    them, with float32's arithmetic set for its precision as training sets it."""
-    use_float32_arithmetic(setting.precision)
-    torch.manual_seed(0)
-    model = build(setting.norm, device, setting.network)
+    """``setting``'s network (``seeded_network``), its SGD and training's loss, as every
+    timed step has them."""
+    model = seeded_network(setting, device)
     return model, sgd(model, lr=0.01, momentum=0.9), training_loss()
 
 
@@ -271,9 +277,7 @@ def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callab
 def validation_pass(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
     """One validation forward of ``setting``'s network on fixed random data, as training
     evaluates: the uncompiled network in eval mode without gradients, whatever the mode."""
-    use_float32_arithmetic(setting.precision)
-    torch.manual_seed(0)
-    model = build(setting.norm, device, setting.network).eval()
+    model = seeded_network(setting, device).eval()
     images = random_images(setting, cfg, device)
 
     @torch.no_grad()
@@ -592,6 +596,9 @@ STEP_TIMING = "run back to back (as training runs them)"
 # GPUs they ran on, and say nothing.
 ARITHMETIC = ("fp32 is float32 proper (TF32 off), tf32 float32 with cuDNN's and cuBLAS's "
               "products in TF32, bf16 autocast")  # fmt: skip
+# How a report says it measured, beside its config; a saved one that says otherwise (or
+# nothing) measured another way and is not reused
+MEASURED_HOW = {"step_timing": STEP_TIMING, "arithmetic": ARITHMETIC}
 # What a saved measurement must share with a new one to be reused.
 SAME_MEASUREMENT = ("height", "width", "warmup", "steps", "loop_steps", "loop_rounds",
                     "memory_cap_gib", "val_batch")  # fmt: skip
@@ -603,10 +610,10 @@ def reusable(previous: dict | None, cfg: Config, device: torch.device) -> dict |
     report is never reused: running the benchmark again measures again."""
     if not previous or previous.get("complete", True):
         return None
-    now = {"environment": environment(device), "step_timing": STEP_TIMING, "arithmetic": ARITHMETIC,
+    now = {"environment": environment(device), **MEASURED_HOW,
            **{k: getattr(cfg, k) for k in SAME_MEASUREMENT}}  # fmt: skip
-    then = {"environment": previous.get("environment"), "step_timing": previous.get("step_timing"),
-            "arithmetic": previous.get("arithmetic"),
+    then = {"environment": previous.get("environment"),
+            **{k: previous.get(k) for k in MEASURED_HOW},
             **{k: previous.get("config", {}).get(k) for k in SAME_MEASUREMENT}}  # fmt: skip
     differ = sorted(k for k in now if now[k] != then[k])
     if differ:
@@ -671,8 +678,7 @@ def run_benchmark(
     old = reusable(previous, cfg, device) or {}
     report = {"environment": environment(device), "config": asdict(cfg), "steps": [],
               "validation": [], "loop": [], "reused_steps": 0, "unmeasured": [],
-              "pending": [], "complete": False, "step_timing": STEP_TIMING,
-              "arithmetic": ARITHMETIC}  # fmt: skip
+              "pending": [], "complete": False, **MEASURED_HOW}  # fmt: skip
     saved = {kind: {_key(row): row for row in old.get(kind, [])} for kind in SECTIONS}
     grid = cfg.settings()
     order = {_key(asdict(s)): i for i, s in enumerate(grid)}
