@@ -2,7 +2,8 @@
 
 python scripts/collect_results.py outputs/cityscapes results/cityscapes
     → results/cityscapes/runs.csv: one row per run and epoch, with the run's settings
-      (model, norm, data, batch_size, lr, seed, epochs), status and metrics.csv columns.
+      (model, norm, data, batch_size, lr, seed, epochs), status, code and metrics.csv
+      columns.
 python scripts/collect_results.py outputs/seed1 results/seed0/runs.csv results/all-seeds
     → one table of several sources: outputs folders, or runs.csv files collected before.
 """

@@ -80,39 +80,6 @@ def test_the_reduced_grid_never_writes_into_results(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_the_code_measured_is_named_by_the_last_commit_that_changed_it(tmp_path, monkeypatch):
-    """Committing results or docs leaves the code measured the same, so a benchmark cut
-    short goes on after its partial report is committed; a change to the code does not."""
-    monkeypatch.delenv("DEEPCONTROL_COMMIT", raising=False)
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-                              cwd=tmp_path, capture_output=True, text=True, check=True)  # fmt: skip
-        return done.stdout.strip()
-
-    def commit(path: str, text: str) -> str:
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(text)
-        git("add", path)
-        git("commit", "-q", "-m", path)
-        return git("rev-parse", "--short=12", "HEAD")
-
-    git("init", "-q")
-    assert benchmark.code_version(tmp_path).startswith("unknown")  # no commit yet
-    code = commit("src/deepcontrol/kernels.py", "a = 1\n")
-    commit("results/benchmark.json", "{}\n")
-    (tmp_path / "sub").mkdir()
-    assert benchmark.code_version(tmp_path) == benchmark.code_version(tmp_path / "sub") == code
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "bench.py").write_text("")  # untracked: not measured code
-    (tmp_path / "src/deepcontrol/kernels.py").write_text("a = 2\n")
-    assert benchmark.code_version(tmp_path) == code + "-dirty"
-    changed = commit("src/deepcontrol/kernels.py", "a = 2\n")
-    assert benchmark.code_version(tmp_path) == changed != code
-    monkeypatch.setenv("DEEPCONTROL_COMMIT", "fbf3f84")  # a copied tree without git
-    assert benchmark.environment(torch.device("cpu"))["code"] == "fbf3f84"
-
-
 def fake_report(ms: dict, peak: dict, loop_ratio: float = 0.95, val_ms: dict | None = None) -> dict:
     """A report of step times ``ms`` keyed (norm, batch, mode) for SegNet or (network, norm,
     batch, mode), and validation times ``val_ms`` keyed (network, norm)."""

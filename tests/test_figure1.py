@@ -172,12 +172,15 @@ def test_fig1_smoke_runs_end_to_end_and_resumes_as_a_no_op(tmp_path):
 
 
 def test_a_run_without_epochs_is_collected_and_drawn_as_diverged(tmp_path):
+    # commits whose hashes read as numbers stay text
+    codes = {0.08: ["123456789012"], 0.64: ["1234e5678901", "abcdef012345-dirty"]}
     for lr, status in ((0.08, "finished"), (0.64, "diverged")):
         run = tmp_path / f"lr{lr}"
         run.mkdir()
         cfg = compose(["norm=agc", "data.batch_size=8", f"optim.lr={lr}"])
         OmegaConf.save(cfg, run / "config.yaml", resolve=True)
-        summary = {"status": status, **({"diverged_epoch": 1} if status == "diverged" else {})}
+        summary = {"status": status, "code": codes[lr],
+                   **({"diverged_epoch": 1} if status == "diverged" else {})}  # fmt: skip
         (run / "summary.json").write_text(json.dumps(summary))
         if status == "finished":
             (run / "metrics.csv").write_text(
@@ -189,6 +192,8 @@ def test_a_run_without_epochs_is_collected_and_drawn_as_diverged(tmp_path):
     assert len(diverged) == 1 and diverged[0]["status"] == "diverged"
     assert math.isnan(diverged[0]["epoch"])
     assert [r["epoch"] for r in runs["segnet-agc-synthetic-b8-lr0.08-s0-e150"]] == [1, 2]
+    assert runs["segnet-agc-synthetic-b8-lr0.08-s0-e150"][0]["code"] == "123456789012"
+    assert diverged[0]["code"] == "1234e5678901 then abcdef012345-dirty"
     ax = Figure().subplots()
     panel = next(p for p in PANELS if p.letter == "h")
     draw_panel(ax, panel, [*runs, "segnet-agc-synthetic-b8-lr0.16-s0-e150"], runs)

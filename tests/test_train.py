@@ -16,8 +16,15 @@ from omegaconf import OmegaConf
 from deepcontrol.logging import RunLogger
 from deepcontrol.losses import pixel_cross_entropy
 from deepcontrol.models import build_model
-from deepcontrol.results import read_metrics
-from deepcontrol.train import build_training, resolve_device, train, use_channels_last
+from deepcontrol.provenance import code_version
+from deepcontrol.results import read_metrics, run_record
+from deepcontrol.train import (
+    CODE_BEFORE,
+    build_training,
+    resolve_device,
+    train,
+    use_channels_last,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +53,7 @@ def test_run_directory_holds_everything(synthetic_root, cache, tmp_path):
     assert saved["num_parameters"] == sum(p.numel() for p in model.parameters()) == 1_845_747
     assert len(saved["class_weights"]) == 19
     assert "lr: 0.08" in (tmp_path / "config.yaml").read_text()  # the resolved lr is saved
+    assert saved["code"] == [code_version()]
     state = torch.load(tmp_path / "last.pt", weights_only=False)
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "loader", "rng"}
 
@@ -154,6 +162,42 @@ def test_a_crash_after_a_checkpoint_resumes(synthetic_root, cache, tmp_path, mon
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "a")]
     again = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "b")]
     assert str(strip) == str(again)
+
+
+def test_the_summary_names_every_code_version_that_trained_the_run(
+    synthetic_root, cache, tmp_path, monkeypatch
+):
+    """A run resumed under other code says so: each version once, in the order they
+    trained; one whose summary (of older code) names none starts its list with that."""
+    cfg = tiny_config(synthetic_root, cache, *SIZE, "epochs=4")
+    write_summary = RunLogger.write_summary
+
+    def code_after(commit: str, crash: bool = True) -> list[str]:
+        """Train under ``commit`` for an epoch (or to the end), then the summary's code."""
+
+        def killed(self, summary):  # the process dies right after the epoch's summary
+            write_summary(self, summary)
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setenv("DEEPCONTROL_COMMIT", commit)
+            if crash:
+                patch.setattr(RunLogger, "write_summary", killed)
+                with pytest.raises(KeyboardInterrupt):
+                    train(cfg, tmp_path)
+            else:
+                assert train(cfg, tmp_path)["status"] == "finished"
+        return json.loads((tmp_path / "summary.json").read_text())["code"]
+
+    assert code_after("aaa") == ["aaa"]
+    assert code_after("aaa") == ["aaa"]  # epoch 2, same code
+    assert code_after("bbb") == ["aaa", "bbb"]
+    assert run_record(tmp_path)["code"] == "aaa then bbb"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    del summary["code"]  # as code before this change wrote it
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert code_after("aaa", crash=False) == [CODE_BEFORE, "aaa"]
+    assert len(read_metrics(tmp_path)) == 4
 
 
 def test_compiled_training_matches_eager_and_saves_the_plain_network(

@@ -14,7 +14,6 @@ import functools
 import itertools
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import MODELS
 from deepcontrol.nn import AutoGainControl2d, use_agc_kernels
 from deepcontrol.nn.fused_agc import triton_agc
+from deepcontrol.provenance import code_version
 from deepcontrol.train import compile_model, sgd, use_channels_last
 
 # AGC's implementations (AutoGainControl2d's ``kernels``): "agc" is what training runs, the
@@ -538,33 +538,6 @@ def seconds(work: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
-
-
-# What a benchmark measures: the package and the script. A commit that changes nothing here
-# (results, docs) leaves the code measured the same, so a run cut short still goes on.
-MEASURED_CODE = (":/src", ":/scripts")
-HERE = Path(__file__).resolve().parent
-
-
-def code_version(where: Path = HERE) -> str:
-    """The last commit that changed the measured code (``MEASURED_CODE``), with ``-dirty``
-    when it has uncommitted changes; where the checkout has no git history (a copied working
-    tree), ``$DEEPCONTROL_COMMIT``. ``where`` is a folder in the checkout."""
-    if os.environ.get("DEEPCONTROL_COMMIT"):
-        return os.environ["DEEPCONTROL_COMMIT"]
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-
-    try:
-        commit = git("log", "-1", "--format=%h", "--abbrev=12", "--", *MEASURED_CODE)
-        changes = git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE)
-    except (OSError, subprocess.CalledProcessError):
-        commit = ""
-    if not commit:
-        return "unknown (no git history here; set DEEPCONTROL_COMMIT)"
-    return commit + ("-dirty" if changes else "")
 
 
 def environment(device: torch.device) -> dict:

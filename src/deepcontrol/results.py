@@ -54,6 +54,8 @@ def run_record(run_dir: Path) -> dict:
         "status": summary.get("status", "not started"),
         "diverged_epoch": summary.get("diverged_epoch"),
         "run_dir": str(run_dir),
+        # the code versions that trained it (blank for runs of code that recorded none)
+        "code": " then ".join(summary.get("code", [])),
     }
 
 
@@ -121,6 +123,10 @@ def write_runs_csv(rows: list[dict], path: Path) -> None:
     write_atomic(Path(path), buffer.getvalue())
 
 
+# Columns read as text: a commit's hash can read as a number (123456789012, 1234e5678901)
+TEXT_COLUMNS = frozenset({"code"})
+
+
 def read_runs_csv(path: Path) -> dict[str, list[dict]]:
     """runs.csv grouped by run name; numbers as floats, blanks as NaN, epochs in order."""
     path = Path(path)
@@ -129,7 +135,9 @@ def read_runs_csv(path: Path) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     with path.open() as f:
         for row in csv.DictReader(f):
-            runs.setdefault(row["run_name"], []).append({k: _number(v) for k, v in row.items()})
+            runs.setdefault(row["run_name"], []).append(
+                {k: v if k in TEXT_COLUMNS else _number(v) for k, v in row.items()}
+            )
     for rows in runs.values():
         rows.sort(key=lambda r: -1 if math.isnan(r.get("epoch", math.nan)) else r["epoch"])
     return runs

@@ -48,8 +48,11 @@ from deepcontrol.logging import RunLogger, read_json
 from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import build_model, model_outputs_contours
 from deepcontrol.nn import agc_mean_scales, mean_scale_parameters
+from deepcontrol.provenance import code_version
 
 log = logging.getLogger("deepcontrol")
+# The code that trained a resumed run before, where its summary.json (of older code) names none
+CODE_BEFORE = "unknown (before runs recorded their code)"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -352,12 +355,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     data, model, optimizer, loss_fn = setup.data, setup.model, setup.optimizer, setup.loss_fn
 
     start_epoch, history, best = 0, [], {"val_pixel_error": math.inf, "epoch": None}
+    trained_by: list[str] = []  # the code versions that trained the run before this start
     running = None  # the partial sums of an epoch interrupted midway
     last, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if cfg.train.resume and last.is_file():
         state = load_checkpoint(last, model, optimizer, data.train, device)
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         running = state.get("running")
+        trained_by = (read_json(run_dir / "summary.json") or {}).get("code", [CODE_BEFORE])
         where = f" and {state['loader']['position']} steps" if running else ""
         log.info(f"resuming {run_dir} after epoch {start_epoch}{where}")
     model = wrap_model(model, place, cfg.norm.sync)
@@ -367,7 +372,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                             check_cuda_graph(cfg))  # fmt: skip
 
     samples_per_epoch = data.train.num_samples - data.train.dropped_per_epoch
-    facts = _run_facts(cfg, data, place.world_size, device, net)
+    facts = _run_facts(cfg, data, place.world_size, device, net, trained_by)
     if data.train.dropped_per_epoch:
         log.warning(
             f"the last batch of each epoch ({data.train.dropped_per_epoch} samples) cannot give "
@@ -444,12 +449,20 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _run_facts(
-    cfg: DictConfig, data: Data, world_size: int, device: torch.device, net: torch.nn.Module
+    cfg: DictConfig,
+    data: Data,
+    world_size: int,
+    device: torch.device,
+    net: torch.nn.Module,
+    trained_by: list[str],
 ) -> dict:
     """What a run's summary records beside its config: the resolved lr and batch split, the
-    sizes, the class weights, where it ran, and whether its float32 products ran in TF32
+    sizes, the class weights, where it ran, whether its float32 products ran in TF32
     (``use_float32_arithmetic``; runs of code before it say nothing, and ran cuDNN's
-    convolutions in TF32 on GPUs that have it)."""
+    convolutions in TF32 on GPUs that have it), and the code that trained it: the versions
+    ``trained_by`` (the starts before this one) and this start's (``code_version``), once
+    each in the order they trained."""
+    now = code_version()
     return {
         "lr": cfg.optim.lr,
         "batch_size": cfg.data.batch_size,
@@ -463,6 +476,7 @@ def _run_facts(
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__,
         "tf32": torch.backends.cudnn.allow_tf32,
+        "code": trained_by if trained_by[-1:] == [now] else [*trained_by, now],
     }
 
 
