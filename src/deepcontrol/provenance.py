@@ -27,7 +27,10 @@ def code_version(package: Path = PACKAGE) -> str:
     package = Path(package).resolve()
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=package, capture_output=True, text=True)
+        # --no-optional-locks: status would otherwise refresh the index, taking index.lock,
+        # which fails the user's own git commands while a sweep's runs start
+        done = subprocess.run(["git", "--no-optional-locks", *args], cwd=package,
+                              capture_output=True, text=True)  # fmt: skip
         if done.returncode:
             raise OSError(done.stderr)
         return done.stdout.strip()
