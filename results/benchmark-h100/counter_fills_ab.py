@@ -52,7 +52,6 @@ from deepcontrol.benchmark import (  # noqa: E402
     mode_step,
     profiled,
     random_batch,
-    run_as,
     step_times,
     trained_parts,
 )
@@ -216,7 +215,7 @@ def compiled_step(batch: int, cfg: Config, name: str) -> tuple[float, int, list[
         with autocast(device, setting.precision):
             model(data[0]).float().sum().backward()
         optimizer.zero_grad(set_to_none=True)
-        take = mode_step(setting, run_as(model, setting.mode), optimizer, loss_fn)
+        take = mode_step(setting, model, optimizer, loss_fn)
         take(*data)  # compiles; GraphedSGDStep records from its fourth step
         # profiled before any graph is recorded (run 5's loop profile used the profiler with
         # CUDA graphs on this image); an error here is the caller's, as a failed compile is

@@ -218,9 +218,10 @@ def run_as(model: nn.Module, mode: str) -> nn.Module:
 def mode_step(
     setting: Setting, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn
 ) -> StepFn:
-    """The SGD step of ``model`` (as ``run_as`` made it) as ``setting``'s mode takes it."""
-    return training_step_fn(model, optimizer, loss_fn, setting.precision,
-                            cuda_graph=setting.mode == "graphed")  # fmt: skip
+    """The SGD step of ``model`` as ``setting``'s mode takes it: ``model`` compiled as
+    ``run_as`` makes it, the step graphed whole for ``"graphed"``."""
+    return training_step_fn(run_as(model, setting.mode), optimizer, loss_fn,
+                            setting.precision, cuda_graph=setting.mode == "graphed")  # fmt: skip
 
 
 def training_loss() -> LossFn:
@@ -265,7 +266,7 @@ def random_batch(
 def training_step(setting: Setting, cfg: Config, device: torch.device) -> Callable[[], None]:
     """One full SGD step of ``setting``'s network on fixed random data, as it runs it."""
     model, optimizer, loss_fn = trained_parts(setting, device)
-    take = mode_step(setting, run_as(model, setting.mode), optimizer, loss_fn)
+    take = mode_step(setting, model, optimizer, loss_fn)
     batch = random_batch(setting, cfg, device)
 
     def step() -> None:
@@ -521,7 +522,7 @@ def training_loop(setting: Setting, cfg: Config, device: torch.device) -> Traini
 
     train, val = split(samples, setting.batch, True), split(val_samples, cfg.val_batch, False)
     model, optimizer, loss_fn = trained_parts(setting, device)
-    step = mode_step(setting, run_as(model, setting.mode), optimizer, loss_fn)
+    step = mode_step(setting, model, optimizer, loss_fn)
     # The loop's batches have no contour targets (SegNet's loss reads none): a bare batch
     # with them would be another input to compile for or record a graph of
     images, labels, _ = random_batch(setting, cfg, device)

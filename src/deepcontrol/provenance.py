@@ -30,9 +30,7 @@ def code_version(package: Path = PACKAGE) -> str:
         # --no-optional-locks: status would otherwise refresh the index, taking index.lock,
         # which fails the user's own git commands while a sweep's runs start
         done = subprocess.run(["git", "--no-optional-locks", *args], cwd=package,
-                              capture_output=True, text=True)  # fmt: skip
-        if done.returncode:
-            raise OSError(done.stderr)
+                              capture_output=True, text=True, check=True)  # fmt: skip
         return done.stdout.strip()
 
     try:
@@ -41,7 +39,7 @@ def code_version(package: Path = PACKAGE) -> str:
             return UNKNOWN
         commit = git("log", "-1", "--format=%h", "--abbrev=12", "--", *CODE_PATHS)
         changes = git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
-    except OSError:  # no git, or not a git checkout
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a git checkout
         return UNKNOWN
     if not commit:
         return UNKNOWN

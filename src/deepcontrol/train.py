@@ -334,6 +334,7 @@ def train(cfg: DictConfig, output_dir: Path | str) -> dict:
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    previous = None  # the summary of the run this one goes on from
     if cfg.train.resume:
         check_same_run(run_dir, resolved)
         previous = read_json(run_dir / "summary.json")
@@ -362,14 +363,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         state = load_checkpoint(last, model, optimizer, data.train, device)
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         running = state.get("running")
-        trained_by = (read_json(run_dir / "summary.json") or {}).get("code", [CODE_BEFORE])
+        trained_by = (previous or {}).get("code", [CODE_BEFORE])
         where = f" and {state['loader']['position']} steps" if running else ""
         log.info(f"resuming {run_dir} after epoch {start_epoch}{where}")
     model = wrap_model(model, place, cfg.norm.sync)
     net = unwrap(model)  # the network itself: checkpoints, evaluation, λ
     model = compile_model(model, cfg.train.compile)
-    step = training_step_fn(model, optimizer, loss_fn, cfg.train.precision,
-                            check_cuda_graph(cfg))  # fmt: skip
+    # cfg.train.cuda_graph is a bool: check_settings checked it before the run started
+    step = training_step_fn(model, optimizer, loss_fn, cfg.train.precision, cfg.train.cuda_graph)
 
     samples_per_epoch = data.train.num_samples - data.train.dropped_per_epoch
     facts = _run_facts(cfg, data, place.world_size, device, net, trained_by)
