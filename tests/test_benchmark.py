@@ -17,6 +17,7 @@ from deepcontrol import benchmark
 from deepcontrol.benchmark import Config, figure1_cost, run_benchmark, targets, write_report
 from deepcontrol.engine import sgd_step
 from deepcontrol.nn import AutoGainControl2d
+from deepcontrol.provenance import code_version
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +53,7 @@ def test_reduced_benchmark_runs_and_writes_its_report(tmp_path):
     assert "Precisions: fp32 is float32 proper (TF32 off), tf32 float32 with" in text
     environment = json.loads((tmp_path / "benchmark.json").read_text())["environment"]
     assert environment["device"] == "cpu"
-    # the commit measured (this checkout's, or $DEEPCONTROL_COMMIT's where there is no git)
-    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown \(.*\)", environment["code"])
+    assert environment["code"] == code_version()  # the code measured (tests/test_provenance.py)
 
 
 def test_the_norms_beyond_the_paper_are_timed_when_asked(tmp_path):

@@ -167,9 +167,10 @@ def test_a_crash_after_a_checkpoint_resumes(synthetic_root, cache, tmp_path, mon
 def test_the_summary_names_every_code_version_that_trained_the_run(
     synthetic_root, cache, tmp_path, monkeypatch
 ):
-    """A run resumed under other code says so: each version once, in the order they
-    trained; one whose summary (of older code) names none starts its list with that."""
-    cfg = tiny_config(synthetic_root, cache, *SIZE, "epochs=4")
+    """A run resumed under other code says so: the versions in the order they trained, one
+    more each time the code changed; one whose summary (of older code) names none starts
+    its list with that."""
+    cfg = tiny_config(synthetic_root, cache, *SIZE, "epochs=5")
     write_summary = RunLogger.write_summary
 
     def code_after(commit: str, crash: bool = True) -> list[str]:
@@ -193,11 +194,12 @@ def test_the_summary_names_every_code_version_that_trained_the_run(
     assert code_after("aaa") == ["aaa"]  # epoch 2, same code
     assert code_after("bbb") == ["aaa", "bbb"]
     assert run_record(tmp_path)["code"] == "aaa then bbb"
+    assert code_after("aaa") == ["aaa", "bbb", "aaa"]  # back to the first code
     summary = json.loads((tmp_path / "summary.json").read_text())
     del summary["code"]  # as code before this change wrote it
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     assert code_after("aaa", crash=False) == [CODE_BEFORE, "aaa"]
-    assert len(read_metrics(tmp_path)) == 4
+    assert len(read_metrics(tmp_path)) == 5
 
 
 def test_compiled_training_matches_eager_and_saves_the_plain_network(

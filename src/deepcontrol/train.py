@@ -461,8 +461,8 @@ def _run_facts(
     sizes, the class weights, where it ran, whether its float32 products ran in TF32
     (``use_float32_arithmetic``; runs of code before it say nothing, and ran cuDNN's
     convolutions in TF32 on GPUs that have it), and the code that trained it: the versions
-    ``trained_by`` (the starts before this one) and this start's (``code_version``), once
-    each in the order they trained."""
+    ``trained_by`` (the starts before this one) and this start's (``code_version``), in the
+    order they trained, a start under the same code as the one before adding none."""
     now = code_version()
     return {
         "lr": cfg.optim.lr,
