@@ -26,11 +26,15 @@ CAMVID = SHARED_DATA / "camvid"
 CITYSCAPES_SAMPLE = SHARED_DATA / "cityscapes-sample"
 
 
+# The tests' synthetic Cityscapes: 16 train, 8 val frames at 128×256
+SYNTHETIC = {"num_train": 16, "num_val": 8, "height": 128, "width": 256, "seed": 0}
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic Cityscapes (16 train, 8 val frames at 128×256), written once."""
+    """The tests' synthetic Cityscapes (``SYNTHETIC``), written once."""
     root = tmp_path_factory.mktemp("synthetic") / "cityscapes"
-    return write_synthetic_cityscapes(root, num_train=16, num_val=8, height=128, width=256)
+    return write_synthetic_cityscapes(root, **SYNTHETIC)
 
 
 TF32_FLAGS = (torch.backends.cudnn, torch.backends.cuda.matmul)  # cuDNN's and cuBLAS's
@@ -117,13 +121,19 @@ def small_agc_inputs() -> list[torch.Tensor]:
             for shape in ((2, 16, 24, 40), (1, 80, 9, 7))]  # fmt: skip
 
 
+def synthetic_overrides(root: Path) -> list[str]:
+    """Overrides for the tests' synthetic data (``SYNTHETIC``) at ``root``."""
+    settings = (f"data.synthetic.{key}={value}" for key, value in SYNTHETIC.items())
+    return ["data=synthetic", f"data.root={root}", *settings]
+
+
 def tiny_overrides(root: Path, cache: Path) -> list[str]:
-    """Overrides for the synthetic data at 32×64 on the CPU, no W&B, and the network at 1/4
-    width (1/16 the parameters): the code under test is the same, and a full-width SegNet's
-    checkpoints (350 MB per run) would fill a CI machine's disk."""
+    """Overrides for the synthetic data (``SYNTHETIC``, at ``root``) resized to 32×64, on the
+    CPU, no W&B, and the network at 1/4 width (1/16 the parameters): the code under test is
+    the same, and a full-width SegNet's checkpoints (350 MB per run) would fill a CI
+    machine's disk."""
     return [
-        "data=synthetic",
-        f"data.root={root}",
+        *synthetic_overrides(root),
         f"data.cache_dir={cache}",
         "data.height=32",
         "data.width=64",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CAMVID, CITYSCAPES_SAMPLE, AtenCalls, tiny_config
+from conftest import CAMVID, CITYSCAPES_SAMPLE, AtenCalls, synthetic_overrides, tiny_config
 from PIL import Image
 
 from deepcontrol.data import (
@@ -84,6 +84,31 @@ def test_cache_for_other_settings_is_refused(synthetic_root, tmp_path):
     cfg.data.height = 16
     with pytest.raises(DatasetError, match=r"manifest.json: cache was made for other settings"):
         ensure_cache(cfg.data)
+
+
+def test_synthetic_data_of_other_settings_is_refused(synthetic_root, tmp_path):
+    """A synthetic root or cache written with other settings than data.synthetic asks for
+    would train on other data than the run's config records."""
+    cfg = tiny_config(synthetic_root, tmp_path / "c", "data.synthetic.num_train=8")
+    with pytest.raises(DatasetError, match=r"synthetic.json: this synthetic dataset was written "
+                       r"with other settings .*'num_train': \(16, 8\)"):  # fmt: skip
+        ensure_cache(cfg.data)
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(synthetic_root, unrecorded, ignore=shutil.ignore_patterns("synthetic.json"))
+    with pytest.raises(DatasetError, match=r"unrecorded/synthetic.json not found"):
+        ensure_cache(tiny_config(unrecorded, tmp_path / "d").data)
+    # a cache whose root was removed is checked by the settings in its manifest
+    root = tmp_path / "small"
+    small = ["data.synthetic.num_train=2", "data.synthetic.num_val=1", "data.synthetic.height=32",
+             "data.synthetic.width=64"]  # fmt: skip
+    ensure_cache(tiny_config(root, tmp_path / "e", *small).data)
+    assert json.loads((root / "synthetic.json").read_text())["num_train"] == 2
+    shutil.rmtree(root)
+    with pytest.raises(DatasetError, match=r"cache was made for other settings .*'synthetic'"):
+        ensure_cache(tiny_config(root, tmp_path / "e", *small, "data.synthetic.num_train=3").data)
+    assert not root.exists()  # refused before anything was written
+    _, manifest = ensure_cache(tiny_config(root, tmp_path / "e", *small).data)  # as it was made
+    assert manifest["splits"]["train"]["num_images"] == 2
 
 
 def test_validation_batch_is_its_own_setting_shared_among_processes(synthetic_root, tmp_path):
@@ -263,7 +288,7 @@ def test_camvid_from_shared_data(tmp_path):
 def test_prepare_command(synthetic_root, tmp_path, capsys):
     from deepcontrol.data.prepare import main
 
-    overrides = ["data=synthetic", f"data.root={synthetic_root}", f"data.cache_dir={tmp_path}/c"]
+    overrides = [*synthetic_overrides(synthetic_root), f"data.cache_dir={tmp_path}/c"]
     main([*overrides, "data.height=16", "data.width=32"])
     assert "train 16, val 8 images" in capsys.readouterr().out
     assert np.load(tmp_path / "c" / "val_labels.npy").shape == (8, 16, 32)

@@ -27,6 +27,7 @@ from deepcontrol.data import cityscapes
 from deepcontrol.data.class_weights import enet_class_weights
 from deepcontrol.data.io import IGNORE_INDEX, DatasetError, map_labels, read_label_map, read_rgb
 from deepcontrol.data.registry import DatasetFormat, get_format
+from deepcontrol.data.synthetic import check_synthetic_root, write_synthetic_cityscapes
 from deepcontrol.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,14 @@ def prepare_cache(
     height: int,
     width: int,
     workers: int | None = None,
+    synthetic: dict | None = None,
 ) -> dict:
     """Write the cache for ``root`` into ``cache_dir`` and return its manifest.
 
     Everything is written into a temporary sibling folder that is renamed at the end, so
-    an interrupted prepare leaves no half-written cache.
+    an interrupted prepare leaves no half-written cache. ``synthetic``, the settings a
+    synthetic ``root`` was written with, goes into the manifest, so that a cache of other
+    synthetic data is refused even where its root has been removed.
     """
     root, cache_dir = Path(root).resolve(), Path(cache_dir)
     pairs = {split: fmt.list_pairs(root, split) for split in SPLITS}  # fail before any work
@@ -130,6 +134,8 @@ def prepare_cache(
         "contours": "instance and class boundaries" if with_instances else "class boundaries",
         "splits": {},
     }
+    if synthetic is not None:
+        manifest["synthetic"] = synthetic
     # An existing cache is replaced: --force, or a concurrent prepare that finished first.
     with atomic_dir(cache_dir) as tmp, ProcessPoolExecutor(workers) as pool:
         for split, split_pairs in pairs.items():
@@ -190,9 +196,12 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
         )
     fmt = get_format(data_cfg.format)
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
+    synthetic = dict(data_cfg.synthetic) if data_cfg.get("synthetic") else None
     # Runs started together (a GPU pool, a job array) build a missing cache once: one
     # process builds, the others wait for it and then read it.
     with exclusive_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
+        if synthetic is not None and root.exists():
+            check_synthetic_root(root, synthetic)
         manifest = None if force else read_manifest(cache_dir)
         if manifest is not None:
             wanted = {
@@ -202,6 +211,8 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
                 "height": data_cfg.height,
                 "width": data_cfg.width,
             }
+            if synthetic is not None:
+                wanted["synthetic"] = synthetic
             stale = {k: (manifest.get(k), v) for k, v in wanted.items() if manifest.get(k) != v}
             if stale:
                 raise DatasetError(
@@ -210,12 +221,12 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
                     f"data={data_cfg.name} --force` or choose another data.cache_dir"
                 )
         else:
-            if data_cfg.get("synthetic") and not root.exists():
-                from deepcontrol.data.synthetic import write_synthetic_cityscapes
-
-                write_synthetic_cityscapes(root, **data_cfg.synthetic)
+            if synthetic is not None and not root.exists():
+                write_synthetic_cityscapes(root, **synthetic)
             log.info(f"preparing the {data_cfg.name} cache in {cache_dir} (once)")
-            manifest = prepare_cache(fmt, root, cache_dir, data_cfg.height, data_cfg.width)
+            manifest = prepare_cache(
+                fmt, root, cache_dir, data_cfg.height, data_cfg.width, synthetic=synthetic
+            )
     for split, expected in (data_cfg.get("expected_images") or {}).items():
         found = manifest["splits"][split]["num_images"]
         if found != expected:  # a partial download, or a deliberate subset

@@ -11,12 +11,15 @@ ids; instanceIds follow Cityscapes (``id*1000 + k`` for cars and people).
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from deepcontrol.atomic import atomic_dir
+from deepcontrol.data.io import DatasetError
 
 # Cityscapes label ids used by the generator, and a base colour for each (RGB).
 SKY, ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, PERSON, CAR, EGO = (
@@ -28,6 +31,7 @@ COLOURS = {
     VEGETATION: (80, 130, 50), PERSON: (200, 40, 60), CAR: (30, 40, 130), EGO: (20, 20, 20),
 }  # fmt: skip
 CITIES = {"train": ("aachen", "bremen", "jena"), "val": ("lindau",)}
+SETTINGS = "synthetic.json"  # in the dataset's root: the settings it was written with
 
 
 def street_scene(
@@ -104,9 +108,12 @@ def write_synthetic_cityscapes(
 ) -> Path:
     """Write a synthetic Cityscapes-layout dataset under ``root`` and return ``root``.
 
-    Written to a temporary sibling and renamed, so a half-written dataset never exists.
+    Written to a temporary sibling and renamed, so a half-written dataset never exists. The
+    settings go into ``root/synthetic.json``, which :func:`check_synthetic_root` reads.
     """
     root = Path(root)
+    settings = {"num_train": num_train, "num_val": num_val, "height": height, "width": width,
+                "seed": seed}  # fmt: skip
     rng = np.random.default_rng(seed)
     # replace=False: if another process wrote it meanwhile, its copy is identical.
     with atomic_dir(root, replace=False) as tmp:
@@ -128,7 +135,34 @@ def write_synthetic_cityscapes(
             f"deepcontrol.data.synthetic (seed {seed}, {num_train} train, {num_val} val, "
             f"{width}x{height}). Not real data.\n"
         )
+        (tmp / SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
     return root
+
+
+def check_synthetic_root(root: Path | str, settings: Mapping[str, int]) -> None:
+    """Refuse a synthetic dataset at ``root`` that was not written with ``settings`` (the
+    keyword arguments of :func:`write_synthetic_cityscapes`, as ``data.synthetic`` gives
+    them). Otherwise a run would train on other data than its config records."""
+    root = Path(root)
+    path = root / SETTINGS
+    if not path.is_file():
+        raise DatasetError(
+            f"{path} not found: {root} does not record the settings it was written with (it "
+            "was written before they were recorded, or not by deepcontrol.data.synthetic), so "
+            f"data.synthetic cannot be checked against it; remove {root} and the caches made "
+            "from it (data.cache_dir) to have it written anew, or choose another data.root"
+        )
+    written = json.loads(path.read_text())
+    stale = {key: (written.get(key), settings.get(key))
+             for key in sorted(written.keys() | settings.keys())
+             if written.get(key) != settings.get(key)}  # fmt: skip
+    if stale:
+        raise DatasetError(
+            f"{path}: this synthetic dataset was written with other settings than "
+            f"data.synthetic asks for (written, wanted: {stale}); choose another data.root "
+            f"and data.cache_dir for these settings, or remove {root} and the caches made "
+            "from it (data.cache_dir) to have it written anew"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
