@@ -369,6 +369,8 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
     ("override", "message"),
     [("train.precision=fp16", "train.precision must be one of fp32, tf32, bf16, got 'fp16'"),
      ("epochs=0", "epochs must be a positive integer, got 0"),
+     ("seed=abc", r"seed must be an integer from 0 to 2\*\*32 - 1, got 'abc'"),
+     ("seed=-1", r"seed must be an integer from 0 to 2\*\*32 - 1, got -1"),
      ("optim.mean_scale_lr_mult=-1", "optim.mean_scale_lr_mult must be a number >= 0, got -1"),
      ("train.cuda_graph=true", "train.cuda_graph=true needs a CUDA device, got device=cpu")],
 )  # fmt: skip

@@ -285,6 +285,9 @@ def check_settings(cfg: DictConfig) -> None:
     directory is touched, so that a run refused for them leaves no config.yaml there."""
     if not isinstance(cfg.epochs, int) or isinstance(cfg.epochs, bool) or cfg.epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {cfg.epochs!r}")
+    # NumPy's generator, which seed_everything seeds too, takes 32 bits
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
     check_precision(cfg.train.precision)
     check_mean_scale_lr_mult(cfg.optim.mean_scale_lr_mult)
     check_cuda_graph(cfg)
