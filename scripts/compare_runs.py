@@ -20,6 +20,8 @@ def main() -> None:
     args = parser.parse_args()
     runs = list(args.runs)
     if args.latest:
+        if not args.latest.is_dir():
+            parser.error(f"{args.latest}: not a folder; expected one of timestamped sweeps")
         sweeps = sorted(p for p in args.latest.iterdir() if p.is_dir())
         if not sweeps:
             parser.error(f"{args.latest}: no sweep folders")

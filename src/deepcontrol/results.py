@@ -24,8 +24,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def comparison_table(run_dirs: list[Path], column: str = "val_pixel_error") -> str:
-    """A text table of ``column`` per epoch (rows) for each run (columns)."""
-    runs = {Path(d).name: {int(r["epoch"]): r[column] for r in read_metrics(d)} for d in run_dirs}
+    """A text table of ``column`` per epoch (rows) for each run (columns), each headed by its
+    directory's name, or by its path where two runs share a name (one run in two sweeps)."""
+    names = [Path(d).name for d in run_dirs]
+    labels = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+    runs = {}
+    for label, run_dir in zip(labels, run_dirs, strict=True):
+        rows = read_metrics(run_dir)
+        if rows and column not in rows[0]:
+            raise ValueError(f"{Path(run_dir) / 'metrics.csv'}: no column {column!r}; it has "
+                             f"{', '.join(rows[0])}")  # fmt: skip
+        runs[label] = {int(r["epoch"]): r[column] for r in rows}
     epochs = sorted({e for rows in runs.values() for e in rows})
     width = max(len(name) for name in runs)
     lines = [f"{column} per epoch", "epoch  " + "  ".join(f"{n:>{width}}" for n in runs)]
