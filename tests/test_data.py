@@ -122,6 +122,24 @@ def test_validation_batch_is_its_own_setting_shared_among_processes(synthetic_ro
         build_data(cfg.data, cpu)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("data.batch_size=17", r"data.batch_size=17 is larger than the training split of .*/c "
+                            r"\(16 images\)"),
+     ("data.hflip=maybe", "data.hflip must be true or false, got 'maybe'")],
+)  # fmt: skip
+def test_a_training_batch_the_data_cannot_fill_or_an_unclear_flip_is_refused(
+    synthetic_root, tmp_path, override, message
+):
+    # a batch larger than the split trained on all 16 images a step at batch 17's lr;
+    # "maybe" flipped, being a non-empty string
+    cfg = tiny_config(synthetic_root, tmp_path / "c", override)
+    with pytest.raises(ValueError, match=message):
+        build_data(cfg.data, torch.device("cpu"))
+    whole_split = tiny_config(synthetic_root, tmp_path / "c", "data.batch_size=16")
+    assert build_data(whole_split.data, torch.device("cpu")).train.batch_size == 16
+
+
 def test_loader_visits_every_sample_once_per_epoch():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 3, 3).clone()
     labels = torch.arange(10, dtype=torch.uint8).view(10, 1, 1).expand(10, 2, 3).clone()

@@ -49,7 +49,16 @@ def build_data(
     """
     if data_cfg.val_batch_size < 1:
         raise ValueError(f"data.val_batch_size must be at least 1, got {data_cfg.val_batch_size}")
+    if not isinstance(data_cfg.hflip, bool):
+        raise ValueError(f"data.hflip must be true or false, got {data_cfg.hflip!r}")
     cache_dir, manifest = ensure_cache(data_cfg)
+    train_images = manifest["splits"]["train"]["num_images"]
+    if data_cfg.batch_size > train_images:
+        # every step would train on the whole split, at the lr of the batch asked for
+        raise ValueError(
+            f"data.batch_size={data_cfg.batch_size} is larger than the training split of "
+            f"{cache_dir} ({train_images} images)"
+        )
     if data_cfg.input_norm == "mean":
         std = [1.0, 1.0, 1.0]  # pixel units: see configs/data/cityscapes.yaml
     elif data_cfg.input_norm == "standard":
