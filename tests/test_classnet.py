@@ -119,6 +119,12 @@ def test_classnet_objective_adds_the_weighted_contour_loss(synthetic_root, tmp_p
     torch.testing.assert_close(total, class_only + 2.0 * contour)
     with pytest.raises(ValueError, match="needs contour targets"):
         build_loss(cfg.loss, None)(outputs, labels)
+    cfg.loss.contour_band = -1  # was a padding error from torch at the first ClassNet step
+    with pytest.raises(ValueError, match=r"loss.contour_band must be an integer >= 0 \(pixels\)"):
+        build_loss(cfg.loss, None)
+    cfg.loss.contour_band, cfg.loss.contour_weight = 3, "heavy"
+    with pytest.raises(ValueError, match="loss.contour_weight must be a number >= 0, got 'heavy'"):
+        build_loss(cfg.loss, None)
 
 
 def test_cache_holds_contours_from_instances(synthetic_root, tmp_path):

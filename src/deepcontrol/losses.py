@@ -61,6 +61,11 @@ def build_loss(loss_cfg: DictConfig, class_weights: torch.Tensor | None) -> Loss
     contour logits) (ClassNet) gets the sum of that and ``loss.contour_weight`` ×
     ``contour_iou_loss`` ("simply add the contour and class losses").
     """
+    band, weight = loss_cfg.contour_band, loss_cfg.contour_weight
+    if not isinstance(band, int) or isinstance(band, bool) or band < 0:
+        raise ValueError(f"loss.contour_band must be an integer >= 0 (pixels), got {band!r}")
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
+        raise ValueError(f"loss.contour_weight must be a number >= 0, got {weight!r}")
 
     def loss_fn(
         outputs: Outputs, labels: torch.Tensor, contours: torch.Tensor | None = None
@@ -72,10 +77,8 @@ def build_loss(loss_cfg: DictConfig, class_weights: torch.Tensor | None) -> Loss
             raise ValueError("a network with a contour output needs contour targets")
         contour = contour_iou_loss(
             torch.sigmoid(contour_logits.float()).squeeze(1), contours,
-            labels != IGNORE_INDEX, loss_cfg.contour_band,
+            labels != IGNORE_INDEX, band,
         )  # fmt: skip
-        return pixel_cross_entropy(logits, labels, class_weights) + (
-            loss_cfg.contour_weight * contour
-        )
+        return pixel_cross_entropy(logits, labels, class_weights) + weight * contour
 
     return loss_fn
