@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,15 +146,17 @@ def test_a_signal_during_validation_stops_after_the_epoch(
     assert rows[0] == rows[1]
 
 
+def killed_after_the_checkpoint(self: RunLogger, summary: dict) -> None:
+    """Stands in for ``RunLogger.write_summary``: the process dies right after epoch 1's
+    checkpoint."""
+    raise KeyboardInterrupt
+
+
 def test_a_crash_after_a_checkpoint_resumes(synthetic_root, cache, tmp_path, monkeypatch):
     cfg = tiny_config(synthetic_root, cache, *SIZE)
     train(cfg, tmp_path / "a")
-
-    def killed(self, summary):  # the process dies right after epoch 1's checkpoint
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:
-        patch.setattr(RunLogger, "write_summary", killed)
+        patch.setattr(RunLogger, "write_summary", killed_after_the_checkpoint)
         with pytest.raises(KeyboardInterrupt):
             train(cfg, tmp_path / "b")
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["epoch"] == 1
@@ -162,6 +165,24 @@ def test_a_crash_after_a_checkpoint_resumes(synthetic_root, cache, tmp_path, mon
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "a")]
     again = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(tmp_path / "b")]
     assert str(strip) == str(again)
+
+
+def test_a_checkpoint_that_cannot_resume_the_run_is_named(
+    synthetic_root, cache, tmp_path, monkeypatch
+):
+    cfg = tiny_config(synthetic_root, cache, *SIZE)
+    with monkeypatch.context() as patch:
+        patch.setattr(RunLogger, "write_summary", killed_after_the_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path)
+    last = tmp_path / "last.pt"
+    shutil.copy(tmp_path / "best.pt", last)  # weights only: was a KeyError 'optimizer'
+    with pytest.raises(RuntimeError, match=r"last.pt: not a checkpoint to resume from \(no "
+                       r"optimizer, loader, rng; best.pt holds weights only\)"):  # fmt: skip
+        train(cfg, tmp_path)
+    last.write_bytes(b"garbage")  # was "invalid literal for int()", naming no file
+    with pytest.raises(RuntimeError, match=r"last.pt: cannot read this checkpoint \(\w+Error"):
+        train(cfg, tmp_path)
 
 
 def test_the_summary_names_every_code_version_that_trained_the_run(

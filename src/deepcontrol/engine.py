@@ -204,7 +204,20 @@ def load_checkpoint(
 ) -> dict:
     """Restore a resumable checkpoint into ``model``, ``optimizer``, ``loader`` and the RNGs;
     returns the checkpoint (for its epoch, history and so on)."""
-    state = torch.load(path, map_location=device, weights_only=False)
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch.load raises what its unpickler meets: no one type
+        raise RuntimeError(
+            f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); move it aside "
+            "to train the run afresh"
+        ) from e
+    missing = [key for key in ("model", "optimizer", "loader", "rng")
+               if not isinstance(state, dict) or key not in state]  # fmt: skip
+    if missing:
+        raise RuntimeError(
+            f"{path}: not a checkpoint to resume from (no {', '.join(missing)}; best.pt holds "
+            "weights only); move it aside to train the run afresh"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loader"])
