@@ -1,4 +1,5 @@
-"""scripts/compare_runs.py (the second half of `make demo`) and the table it prints."""
+"""scripts/compare_runs.py (the second half of `make demo`), the table it prints and the
+metrics it reads."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def test_bad_input_is_named(tmp_path):
     run = write_run(tmp_path / "run", [0.5])
     with pytest.raises(ValueError, match=r"run/metrics.csv: no column 'val_miou'; it has epoch, "):
         comparison_table([run], "val_miou")
+    with (run / "metrics.csv").open("a") as f:
+        f.write("2,1.0\n")  # a row cut short
+    with pytest.raises(ValueError, match=r"run/metrics.csv, line 3: expected a number in each "
+                       r"of 3 columns, got \['2', '1.0', None\]"):  # fmt: skip
+        comparison_table([run])
     missing = compare_runs("--latest", str(tmp_path / "missing"))
     assert missing.returncode == 2
     assert "missing: not a folder; expected one of timestamped sweeps" in missing.stderr

@@ -20,7 +20,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.csv; is {run_dir} a run directory?")
     with path.open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        rows = []
+        for row in reader:
+            try:
+                rows.append({key: float(value) for key, value in row.items()})
+            except (TypeError, ValueError) as e:  # a cell missing (None) or not a number
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: expected a number in each of "
+                    f"{len(reader.fieldnames)} columns, got {list(row.values())}"
+                ) from e
+        return rows
 
 
 def comparison_table(run_dirs: list[Path], column: str = "val_pixel_error") -> str:
