@@ -384,6 +384,16 @@ def test_a_summary_that_is_not_json_is_named(tmp_path):
         run_record(tmp_path)
 
 
+def test_a_config_that_is_not_a_runs_is_named(tmp_path):
+    (tmp_path / "config.yaml").write_text("run_name: [unclosed\n")  # was a YAML traceback
+    with pytest.raises(ValueError, match=r"config.yaml: not the config.yaml of a training run "
+                       r"\(while parsing a flow sequence"):  # fmt: skip
+        run_record(tmp_path)
+    (tmp_path / "config.yaml").write_text("lr: 0.1\n")  # another program's config
+    with pytest.raises(ValueError, match=r"config.yaml: not the .* \(Missing key run_name"):
+        run_record(tmp_path)
+
+
 def test_lambda_figure_draws_a_settings_seeds_as_their_mean():
     def run(seed, lambdas, last_epoch=2):
         base = dict(model="segnet", norm="agc", batch_size=4.0, lr=0.08, seed=seed)

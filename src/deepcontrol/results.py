@@ -7,7 +7,9 @@ import io
 import math
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from deepcontrol.atomic import write_atomic
 from deepcontrol.config import norm_label
@@ -59,17 +61,24 @@ def comparison_table(run_dirs: list[Path], column: str = "val_pixel_error") -> s
 def run_record(run_dir: Path) -> dict:
     """A run's settings and outcome, from its config.yaml and summary.json."""
     run_dir = Path(run_dir)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    path = run_dir / "config.yaml"
+    try:
+        cfg = OmegaConf.load(path)
+        settings = {
+            "run_name": cfg.run_name,
+            "model": cfg.model.name,
+            "norm": norm_label(cfg.norm),
+            "data": cfg.data.name,
+            "batch_size": cfg.data.batch_size,
+            "lr": cfg.optim.lr,
+            "seed": cfg.seed,
+            "epochs": cfg.epochs,
+        }
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ValueError(f"{path}: not the config.yaml of a training run ({e})") from e
     summary = read_json(run_dir / "summary.json") or {}
     return {
-        "run_name": cfg.run_name,
-        "model": cfg.model.name,
-        "norm": norm_label(cfg.norm),
-        "data": cfg.data.name,
-        "batch_size": cfg.data.batch_size,
-        "lr": cfg.optim.lr,
-        "seed": cfg.seed,
-        "epochs": cfg.epochs,
+        **settings,
         "status": summary.get("status", "not started"),
         "diverged_epoch": summary.get("diverged_epoch"),
         "run_dir": str(run_dir),
