@@ -122,22 +122,20 @@ def test_validation_batch_is_its_own_setting_shared_among_processes(synthetic_ro
         build_data(cfg.data, cpu)
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [("data.batch_size=17", r"data.batch_size=17 is larger than the training split of .*/c "
-                            r"\(16 images\)"),
-     ("data.hflip=maybe", "data.hflip must be true or false, got 'maybe'")],
-)  # fmt: skip
 def test_a_training_batch_the_data_cannot_fill_or_an_unclear_flip_is_refused(
-    synthetic_root, tmp_path, override, message
+    synthetic_root, tmp_path
 ):
-    # a batch larger than the split trained on all 16 images a step at batch 17's lr;
+    cpu = torch.device("cpu")
+    # a batch larger than the split trained on all 16 images a step at batch 17's lr
+    too_large = tiny_config(synthetic_root, tmp_path / "c", "data.batch_size=17")
+    with pytest.raises(ValueError, match=r"data.batch_size=17 is larger than the training "
+                       r"split of .*/c \(16 images\)"):  # fmt: skip
+        build_data(too_large.data, cpu)
     # "maybe" flipped, being a non-empty string
-    cfg = tiny_config(synthetic_root, tmp_path / "c", override)
-    with pytest.raises(ValueError, match=message):
-        build_data(cfg.data, torch.device("cpu"))
+    with pytest.raises(ValueError, match="data.hflip must be true or false, got 'maybe'"):
+        build_data(tiny_config(synthetic_root, tmp_path / "c", "data.hflip=maybe").data, cpu)
     whole_split = tiny_config(synthetic_root, tmp_path / "c", "data.batch_size=16")
-    assert build_data(whole_split.data, torch.device("cpu")).train.batch_size == 16
+    assert build_data(whole_split.data, cpu).train.batch_size == 16
 
 
 def test_loader_visits_every_sample_once_per_epoch():

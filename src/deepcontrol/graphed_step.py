@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deepcontrol.checks import is_whole_number
 from deepcontrol.engine import StepFn, eager_step, sgd_step
 from deepcontrol.losses import LossFn
 
@@ -61,7 +62,7 @@ class GraphedSGDStep:
         precision: str,
         warmup: int = 3,
     ) -> None:
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        if not is_whole_number(warmup, 1):
             # The optimiser makes its momenta at its first step: recorded, every replay
             # would make them afresh from that step's gradient
             raise ValueError(f"GraphedSGDStep's warmup must be 1 or more steps, got {warmup!r}")

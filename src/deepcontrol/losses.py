@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 from torch.nn import functional as F
 
+from deepcontrol.checks import is_finite_number, is_whole_number
 from deepcontrol.data.io import IGNORE_INDEX
 
 Outputs = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -62,9 +63,9 @@ def build_loss(loss_cfg: DictConfig, class_weights: torch.Tensor | None) -> Loss
     ``contour_iou_loss`` ("simply add the contour and class losses").
     """
     band, weight = loss_cfg.contour_band, loss_cfg.contour_weight
-    if not isinstance(band, int) or isinstance(band, bool) or band < 0:
+    if not is_whole_number(band, 0):
         raise ValueError(f"loss.contour_band must be an integer >= 0 (pixels), got {band!r}")
-    if not isinstance(weight, int | float) or isinstance(weight, bool) or weight < 0:
+    if not is_finite_number(weight, 0):
         raise ValueError(f"loss.contour_weight must be a number >= 0, got {weight!r}")
 
     def loss_fn(

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from deepcontrol.atomic import write_atomic
+from deepcontrol.checks import is_finite_number, is_whole_number
 from deepcontrol.config import CONFIG_DIR
 from deepcontrol.data import Data, build_data, ensure_cache
 from deepcontrol.distributed import (
@@ -69,7 +70,7 @@ def resolve_device(name: str) -> torch.device:
 
 def check_mean_scale_lr_mult(mult: float) -> float:
     """``optim.mean_scale_lr_mult``: a finite number, 0 or more (0 holds λ at its start)."""
-    if isinstance(mult, bool) or not isinstance(mult, int | float) or not 0 <= mult < math.inf:
+    if not is_finite_number(mult, 0):
         raise ValueError(f"optim.mean_scale_lr_mult must be a number >= 0, got {mult!r}")
     return float(mult)
 
@@ -283,10 +284,10 @@ def differing_settings(a: dict, b: dict) -> dict[str, tuple]:
 def check_settings(cfg: DictConfig) -> None:
     """The settings that training reads only once it has started, checked before the run's
     directory is touched, so that a run refused for them leaves no config.yaml there."""
-    if not isinstance(cfg.epochs, int) or isinstance(cfg.epochs, bool) or cfg.epochs < 1:
+    if not is_whole_number(cfg.epochs, 1):
         raise ValueError(f"epochs must be a positive integer, got {cfg.epochs!r}")
     # NumPy's generator, which seed_everything seeds too, takes 32 bits
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+    if not is_whole_number(cfg.seed, 0, below=2**32):
         raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
     check_precision(cfg.train.precision)
     check_mean_scale_lr_mult(cfg.optim.mean_scale_lr_mult)

@@ -200,8 +200,6 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
     # Runs started together (a GPU pool, a job array) build a missing cache once: one
     # process builds, the others wait for it and then read it.
     with exclusive_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
-        if synthetic is not None and root.exists():
-            check_synthetic_root(root, synthetic)
         manifest = None if force else read_manifest(cache_dir)
         if manifest is not None:
             wanted = {
@@ -221,8 +219,13 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
                     f"data={data_cfg.name} --force` or choose another data.cache_dir"
                 )
         else:
-            if synthetic is not None and not root.exists():
-                write_synthetic_cityscapes(root, **synthetic)
+            # Training reads only the cache, whose manifest keeps the synthetic settings it
+            # was built from; so the root's are checked where the cache is built from it
+            if synthetic is not None:
+                if root.exists():
+                    check_synthetic_root(root, synthetic)
+                else:
+                    write_synthetic_cityscapes(root, **synthetic)
             log.info(f"preparing the {data_cfg.name} cache in {cache_dir} (once)")
             manifest = prepare_cache(
                 fmt, root, cache_dir, data_cfg.height, data_cfg.width, synthetic=synthetic

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from deepcontrol.checks import is_whole_number
 from deepcontrol.models.init import initialize
 from deepcontrol.nn import ConvNormReLU, NormFactory
 
@@ -38,7 +39,7 @@ class SegNet(nn.Module):
         width: int = 64,
     ) -> None:
         super().__init__()
-        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        if not is_whole_number(width, 1):
             raise ValueError(f"model.width must be a positive integer, got {width!r}")
         self.encoder = nn.ModuleList()
         channels = in_channels

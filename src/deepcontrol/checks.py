@@ -1,0 +1,20 @@
+"""What a numeric setting may be, for the checks that refuse bad ones by name.
+
+YAML's ``true`` is a Python bool, and a bool is an int: without these, ``epochs=true``
+would pass as 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def is_whole_number(value: object, least: int, below: float = math.inf) -> bool:
+    """``value`` is an integer (not a bool) from ``least`` up to, not including, ``below``."""
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value < below
+
+
+def is_finite_number(value: object, least: float) -> bool:
+    """``value`` is an int or float (not a bool), finite and at least ``least``."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and least <= value < math.inf)  # fmt: skip
