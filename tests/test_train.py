@@ -23,6 +23,7 @@ from deepcontrol.train import (
     CODE_BEFORE,
     build_training,
     resolve_device,
+    sgd,
     train,
     use_channels_last,
 )
@@ -393,6 +394,11 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
      ("seed=abc", r"seed must be an integer from 0 to 2\*\*32 - 1, got 'abc'"),
      ("seed=-1", r"seed must be an integer from 0 to 2\*\*32 - 1, got -1"),
      ("optim.mean_scale_lr_mult=-1", "optim.mean_scale_lr_mult must be a number >= 0, got -1"),
+     # PyTorch's SGD trained on with these two, and named neither setting for abc
+     ("optim.lr=nan", "optim.lr must be a number >= 0, got nan"),
+     ("optim.momentum=1.5", "optim.momentum must be a number from 0 to below 1, got 1.5"),
+     ("optim.momentum=abc", "optim.momentum must be a number from 0 to below 1, got 'abc'"),
+     ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0, got -1"),
      ("train.cuda_graph=true", "train.cuda_graph=true needs a CUDA device, got device=cpu")],
 )  # fmt: skip
 def test_a_bad_setting_read_late_is_refused_before_the_run_directory(
@@ -420,6 +426,16 @@ def test_a_run_that_failed_as_it_started_does_not_block_other_settings(
     smaller = tiny_config(synthetic_root, cache, *SIZE, "epochs=1", "model.init=identity")
     assert train(smaller, tmp_path)["status"] == "finished"
     assert "init: identity" in (tmp_path / "config.yaml").read_text()
+
+
+def test_sgd_refuses_what_training_refuses_when_called_directly():
+    # make bench and the record scripts call sgd() without training's check_settings
+    model = torch.nn.Conv2d(1, 1, 1)
+    with pytest.raises(ValueError, match="optim.momentum must be a number from 0 to below 1"):
+        sgd(model, lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="optim.lr must be a number >= 0, got inf"):
+        sgd(model, lr=float("inf"), momentum=0.9)
+    assert sgd(model, lr=0.0, momentum=0).param_groups[0]["lr"] == 0.0
 
 
 def test_an_unknown_device_is_named():

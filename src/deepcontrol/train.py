@@ -68,11 +68,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_mean_scale_lr_mult(mult: float) -> float:
-    """``optim.mean_scale_lr_mult``: a finite number, 0 or more (0 holds λ at its start)."""
-    if not is_finite_number(mult, 0):
-        raise ValueError(f"optim.mean_scale_lr_mult must be a number >= 0, got {mult!r}")
-    return float(mult)
+def check_sgd_settings(
+    lr: object, momentum: object, weight_decay: object, mean_scale_lr_mult: object
+) -> None:
+    """``optim.*`` as ``sgd`` takes them: finite numbers, none negative (a multiplier of 0
+    holds λ at its start), and a momentum below 1, at which the velocity stops decaying.
+    PyTorch's SGD would train on with a NaN lr or a momentum of 1.5."""
+    numbers = {"lr": lr, "weight_decay": weight_decay, "mean_scale_lr_mult": mean_scale_lr_mult}
+    for name, value in numbers.items():
+        if not is_finite_number(value, 0):
+            raise ValueError(f"optim.{name} must be a number >= 0, got {value!r}")
+    if not (is_finite_number(momentum, 0) and momentum < 1):
+        raise ValueError(f"optim.momentum must be a number from 0 to below 1, got {momentum!r}")
 
 
 def sgd(
@@ -87,8 +94,9 @@ def sgd(
 
     ``mean_scale_lr_mult`` scales the lr of AGC's λ (every ``mean_scale``), to study λ
     beyond the paper, which trains all parameters at one lr (1, the default)."""
+    check_sgd_settings(lr, momentum, weight_decay, mean_scale_lr_mult)
     groups = [{"params": list(model.parameters())}]
-    if check_mean_scale_lr_mult(mean_scale_lr_mult) != 1:
+    if mean_scale_lr_mult != 1:
         lambdas = mean_scale_parameters(model)
         if not lambdas:
             raise ValueError(
@@ -290,7 +298,8 @@ def check_settings(cfg: DictConfig) -> None:
     if not is_whole_number(cfg.seed, 0, below=2**32):
         raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
     check_precision(cfg.train.precision)
-    check_mean_scale_lr_mult(cfg.optim.mean_scale_lr_mult)
+    optim = cfg.optim
+    check_sgd_settings(optim.lr, optim.momentum, optim.weight_decay, optim.mean_scale_lr_mult)
     check_cuda_graph(cfg)
 
 
