@@ -118,7 +118,16 @@ def test_validation_batch_is_its_own_setting_shared_among_processes(synthetic_ro
     assert (data.train.batch_size, data.val.batch_size, len(data.val)) == (2, 6, 2)  # 8 images
     assert build_data(cfg.data, cpu, rank=1, world_size=2).val.batch_size == 3
     cfg.data.val_batch_size = 0
-    with pytest.raises(ValueError, match="data.val_batch_size must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="data.val_batch_size must be a positive integer, got 0"):
+        build_data(cfg.data, cpu)
+    # both failed as a str/int comparison that named neither setting
+    cfg.data.val_batch_size = "abc"
+    with pytest.raises(
+        ValueError, match="data.val_batch_size must be a positive integer, got 'abc'"
+    ):
+        build_data(cfg.data, cpu)
+    cfg.data.val_batch_size, cfg.data.batch_size = 6, "abc"
+    with pytest.raises(ValueError, match="data.batch_size must be a positive integer, got 'abc'"):
         build_data(cfg.data, cpu)
 
 
@@ -222,6 +231,16 @@ def test_unset_root_names_the_setting():
     cfg = compose(["data=cityscapes", "data.root=null"])
     with pytest.raises(DatasetError, match=r"data.root is not set for data=cityscapes"):
         ensure_cache(cfg.data)
+
+
+def test_an_image_size_that_is_not_a_positive_integer_is_named(synthetic_root, tmp_path):
+    # "abc" failed in NumPy's memmap, 0 in a worker's resize, neither naming the setting
+    for override, shown in (("data.height=abc", "'abc'"), ("data.width=0", "0")):
+        cfg = tiny_config(synthetic_root, tmp_path / "c", override)
+        name = override.split("=")[0]
+        with pytest.raises(DatasetError, match=f"{name} must be a positive integer, got {shown}"):
+            ensure_cache(cfg.data)
+    assert not (tmp_path / "c").exists()
 
 
 def test_split_without_images(broken_root):

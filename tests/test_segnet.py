@@ -78,6 +78,15 @@ def test_unknown_init_is_a_clear_error():
         SegNet(19, init="xavier")
 
 
+def test_an_image_smaller_than_its_poolings_take_is_refused_when_built():
+    # 31 rows failed inside the fifth max-pool; 32, and sizes that are no multiple of 32, run
+    model = build_model(compose(["model.width=4", "data.height=33", "data.width=32"]), 19)
+    assert model(torch.randn(1, 3, 33, 32)).shape == (1, 19, 33, 32)
+    with pytest.raises(ValueError, match="data.height=31, data.width=64: model=segnet needs at "
+                       "least 32 pixels each way for its poolings"):  # fmt: skip
+        build_model(compose(["model.width=4", "data.height=31", "data.width=64"]), 19)
+
+
 def test_build_model_from_config():
     cfg = compose(["norm=agc", "model.init=identity"])
     model = build_model(cfg, num_classes=11)

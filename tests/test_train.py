@@ -399,6 +399,9 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
      ("optim.momentum=1.5", "optim.momentum must be a number from 0 to below 1, got 1.5"),
      ("optim.momentum=abc", "optim.momentum must be a number from 0 to below 1, got 'abc'"),
      ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0, got -1"),
+     # these two read as true, being non-empty strings
+     ("train.resume=maybe", "train.resume must be true or false, got 'maybe'"),
+     ("norm.sync=yes", "norm.sync must be true or false, got 'yes'"),
      ("train.cuda_graph=true", "train.cuda_graph=true needs a CUDA device, got device=cpu")],
 )  # fmt: skip
 def test_a_bad_setting_read_late_is_refused_before_the_run_directory(

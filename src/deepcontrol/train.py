@@ -297,6 +297,11 @@ def check_settings(cfg: DictConfig) -> None:
     # NumPy's generator, which seed_everything seeds too, takes 32 bits
     if not is_whole_number(cfg.seed, 0, below=2**32):
         raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
+    # a string such as "maybe" would read as true
+    for name in ("train.progress", "train.resume", "train.cudnn_benchmark", "norm.sync"):
+        value = OmegaConf.select(cfg, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
     check_precision(cfg.train.precision)
     optim = cfg.optim
     check_sgd_settings(optim.lr, optim.momentum, optim.weight_decay, optim.mean_scale_lr_mult)

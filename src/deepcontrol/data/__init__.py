@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
+from deepcontrol.checks import is_whole_number
 from deepcontrol.data.class_weights import enet_class_weights
 from deepcontrol.data.io import IGNORE_INDEX, DatasetError
 from deepcontrol.data.loader import DeviceBatches
@@ -47,8 +48,9 @@ def build_data(
     speed, not the metrics, and at training batch 1 a forward per image would bound the
     epoch by kernel launches.
     """
-    if data_cfg.val_batch_size < 1:
-        raise ValueError(f"data.val_batch_size must be at least 1, got {data_cfg.val_batch_size}")
+    for name in ("batch_size", "val_batch_size"):
+        if not is_whole_number(data_cfg[name], 1):
+            raise ValueError(f"data.{name} must be a positive integer, got {data_cfg[name]!r}")
     if not isinstance(data_cfg.hflip, bool):
         raise ValueError(f"data.hflip must be true or false, got {data_cfg.hflip!r}")
     cache_dir, manifest = ensure_cache(data_cfg)

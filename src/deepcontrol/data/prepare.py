@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from deepcontrol.atomic import atomic_dir
+from deepcontrol.checks import is_whole_number
 from deepcontrol.data import cityscapes
 from deepcontrol.data.class_weights import enet_class_weights
 from deepcontrol.data.io import IGNORE_INDEX, DatasetError, map_labels, read_label_map, read_rgb
@@ -194,6 +195,9 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
             "(data.root=/path) or through the environment variable named in "
             f"configs/data/{data_cfg.name}.yaml{how}"
         )
+    for name in ("height", "width"):
+        if not is_whole_number(data_cfg[name], 1):
+            raise DatasetError(f"data.{name} must be a positive integer, got {data_cfg[name]!r}")
     fmt = get_format(data_cfg.format)
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
     synthetic = dict(data_cfg.synthetic) if data_cfg.get("synthetic") else None

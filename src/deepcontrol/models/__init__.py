@@ -38,10 +38,18 @@ def build_norm(norm_cfg: DictConfig) -> NormFactory:
 
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     """The network ``cfg.model.name`` with the norm of ``cfg.norm`` after every conv; the
-    other ``model.*`` keys (but ``input_norm``, which the data reads) are its arguments."""
+    other ``model.*`` keys (but ``input_norm``, which the data reads) are its arguments.
+    Refused if its poolings cannot take ``data.height`` × ``data.width`` images."""
     _check(cfg.model.name)
     kwargs = {k: v for k, v in cfg.model.items() if k not in NOT_ARGUMENTS}
-    return MODELS[cfg.model.name](num_classes=num_classes, norm=build_norm(cfg.norm), **kwargs)
+    network = MODELS[cfg.model.name](num_classes=num_classes, norm=build_norm(cfg.norm), **kwargs)
+    least = getattr(network, "min_input_size", 1)  # ClassNet's poolings round up: any size
+    if min(cfg.data.height, cfg.data.width) < least:
+        raise ValueError(
+            f"data.height={cfg.data.height}, data.width={cfg.data.width}: model={cfg.model.name}"
+            f" needs at least {least} pixels each way for its poolings"
+        )
+    return network
 
 
 __all__ = ["MODELS", "ClassNet", "SegNet", "build_model", "build_norm", "model_outputs_contours"]

@@ -72,6 +72,11 @@ class SegNet(nn.Module):
         convs.append((self.classifier, True))  # the classifier keeps He init too
         return convs
 
+    @property
+    def min_input_size(self) -> int:
+        """The least height and width its poolings take: each halves the map, rounding down."""
+        return 2 ** len(self.encoder)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = []
         for block in self.encoder:
