@@ -11,7 +11,7 @@ the configured data, the std of the logits and the median over convs of |∇W| /
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 
@@ -36,7 +36,9 @@ def measure(overrides: list[str]) -> tuple[float, float]:
 
 
 def main() -> None:
-    overrides = sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. model=classnet")
+    overrides = parser.parse_args().overrides
     print("| norm | data.input_norm | logits std | median conv grad/weight |")
     print("|---|---|---|---|")
     for norm in ("bn", "agc"):

@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=512)
     args = parser.parse_args()
+    if min(args.height, args.width) < SegNet.min_input_size:
+        parser.error(f"--height and --width must be at least {SegNet.min_input_size} (SegNet)")
     print(f"| network | norm | parameters | GMACs at {args.height}x{args.width} | convs |")
     print("|---|---|---|---|---|")
     for name, cls in (("SegNet", SegNet), ("ClassNet", ClassNet)):

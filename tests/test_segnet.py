@@ -1,7 +1,11 @@
 """SegNet as in SegNet-Tutorial: layout, parameter counts, shapes, initialisation."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import REPO
 from torch import nn
 
 from deepcontrol.config import compose
@@ -85,6 +89,12 @@ def test_an_image_smaller_than_its_poolings_take_is_refused_when_built():
     with pytest.raises(ValueError, match="data.height=31, data.width=64: model=segnet needs at "
                        "least 32 pixels each way for its poolings"):  # fmt: skip
         build_model(compose(["model.width=4", "data.height=31", "data.width=64"]), 19)
+    summary = subprocess.run(
+        [sys.executable, "scripts/model_summary.py", "--height", "16"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert summary.returncode == 2
+    assert "--height and --width must be at least 32 (SegNet)" in summary.stderr
 
 
 def test_build_model_from_config():

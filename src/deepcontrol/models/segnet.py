@@ -25,10 +25,13 @@ class SegNet(nn.Module):
     26 convs, no skip connections; every hidden conv is conv→norm→ReLU and the last is a
     64→K conv with bias. ``norm`` picks the layer after each conv, by its name in
     ``NORMS`` or as a ``norm_factory`` (the paper compares ``bn`` with ``agc``). Inputs
-    of any size work: unpooling is given the pre-pool size.
+    of any size from ``min_input_size`` up work: unpooling is given the pre-pool size.
     ``width`` is the first block's channels (VGG16's 64, the paper's); every layer scales
     with it, so a narrow net (e.g. 8) exercises the same code in tests at 1/64 the size.
     """
+
+    # the least height and width its five poolings take, each halving the map rounded down
+    min_input_size = 2 ** len(ENCODER)
 
     def __init__(
         self,
@@ -71,11 +74,6 @@ class SegNet(nn.Module):
                 convs.append((layer[0], i == 0))
         convs.append((self.classifier, True))  # the classifier keeps He init too
         return convs
-
-    @property
-    def min_input_size(self) -> int:
-        """The least height and width its poolings take: each halves the map, rounding down."""
-        return 2 ** len(self.encoder)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = []
