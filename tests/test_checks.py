@@ -2,7 +2,9 @@
 
 import math
 
-from deepcontrol.checks import is_finite_number, is_whole_number
+import pytest
+
+from deepcontrol.checks import is_finite_number, is_whole_number, true_or_false
 
 
 def test_a_whole_number_is_an_int_in_its_range_and_never_a_bool():
@@ -16,3 +18,11 @@ def test_a_finite_number_is_an_int_or_float_from_its_least_and_never_a_bool():
     assert is_finite_number(0, 0) and is_finite_number(2.5, 0)
     for value in (False, -0.1, math.inf, math.nan, "1", None):
         assert not is_finite_number(value, 0), value
+
+
+def test_true_or_false_passes_a_bool_on_and_names_anything_else():
+    assert true_or_false("train.resume", True) is True
+    assert true_or_false("train.resume", False) is False
+    for value in ("maybe", 1, None):  # "maybe" and 1 are truthy
+        with pytest.raises(ValueError, match=f"train.resume must be true or false, got {value!r}"):
+            true_or_false("train.resume", value)

@@ -1,7 +1,8 @@
-"""What a numeric setting may be, for the checks that refuse bad ones by name.
+"""What a setting may be, for the checks that refuse bad ones by name.
 
 YAML's ``true`` is a Python bool, and a bool is an int: without these, ``epochs=true``
-would pass as 1.
+would pass as 1. And any non-empty string is truthy: ``train.resume=maybe`` would read as
+true.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ import math
 def is_whole_number(value: object, least: int, below: float = math.inf) -> bool:
     """``value`` is an integer (not a bool) from ``least`` up to, not including, ``below``."""
     return isinstance(value, int) and not isinstance(value, bool) and least <= value < below
+
+
+def true_or_false(name: str, value: object) -> bool:
+    """``value``, the setting ``name``, if it is a bool; otherwise a ValueError naming it."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def is_finite_number(value: object, least: float) -> bool:

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from deepcontrol.atomic import write_atomic
-from deepcontrol.checks import is_finite_number, is_whole_number
+from deepcontrol.checks import is_finite_number, is_whole_number, true_or_false
 from deepcontrol.config import CONFIG_DIR
 from deepcontrol.data import Data, build_data, ensure_cache
 from deepcontrol.distributed import (
@@ -148,10 +148,7 @@ def check_cuda_graph(cfg: DictConfig) -> bool:
     """``train.cuda_graph``: true or false. True (``GraphedSGDStep``) needs a CUDA device and
     one process, and rules out ``train.compile=reduce-overhead``, whose own graphs it would
     record inside its one."""
-    setting = cfg.train.cuda_graph
-    if not isinstance(setting, bool):
-        raise ValueError(f"train.cuda_graph must be true or false, got {setting!r}")
-    if not setting:
+    if not true_or_false("train.cuda_graph", cfg.train.cuda_graph):
         return False
     if cfg.train.compile == "reduce-overhead":
         raise ValueError(
@@ -297,11 +294,8 @@ def check_settings(cfg: DictConfig) -> None:
     # NumPy's generator, which seed_everything seeds too, takes 32 bits
     if not is_whole_number(cfg.seed, 0, below=2**32):
         raise ValueError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
-    # a string such as "maybe" would read as true
     for name in ("train.progress", "train.resume", "train.cudnn_benchmark", "norm.sync"):
-        value = OmegaConf.select(cfg, name)
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+        true_or_false(name, OmegaConf.select(cfg, name))
     check_precision(cfg.train.precision)
     optim = cfg.optim
     check_sgd_settings(optim.lr, optim.momentum, optim.weight_decay, optim.mean_scale_lr_mult)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from omegaconf import DictConfig
 from torch import nn
 
@@ -12,7 +10,7 @@ from deepcontrol.models.classnet import ClassNet
 from deepcontrol.models.segnet import SegNet
 from deepcontrol.nn import NormFactory, norm_factory
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"segnet": SegNet, "classnet": ClassNet}
+MODELS: dict[str, type[SegNet | ClassNet]] = {"segnet": SegNet, "classnet": ClassNet}
 
 # model.* keys that are not arguments of the network.
 NOT_ARGUMENTS = ("name", "input_norm")
@@ -41,15 +39,14 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     other ``model.*`` keys (but ``input_norm``, which the data reads) are its arguments.
     Refused if its poolings cannot take ``data.height`` × ``data.width`` images."""
     _check(cfg.model.name)
-    kwargs = {k: v for k, v in cfg.model.items() if k not in NOT_ARGUMENTS}
-    network = MODELS[cfg.model.name](num_classes=num_classes, norm=build_norm(cfg.norm), **kwargs)
-    least = getattr(network, "min_input_size", 1)  # ClassNet's poolings round up: any size
-    if min(cfg.data.height, cfg.data.width) < least:
+    network = MODELS[cfg.model.name]
+    if min(cfg.data.height, cfg.data.width) < network.min_input_size:
         raise ValueError(
             f"data.height={cfg.data.height}, data.width={cfg.data.width}: model={cfg.model.name}"
-            f" needs at least {least} pixels each way for its poolings"
+            f" needs at least {network.min_input_size} pixels each way for its poolings"
         )
-    return network
+    kwargs = {k: v for k, v in cfg.model.items() if k not in NOT_ARGUMENTS}
+    return network(num_classes=num_classes, norm=build_norm(cfg.norm), **kwargs)
 
 
 __all__ = ["MODELS", "ClassNet", "SegNet", "build_model", "build_norm", "model_outputs_contours"]

@@ -68,6 +68,8 @@ class ClassNet(nn.Module):
     round up and each up-sampling is to the exact size of its lateral map.
     """
 
+    min_input_size = 1  # as SegNet's: the least height and width it takes
+
     def __init__(
         self,
         num_classes: int = 19,
