@@ -1,7 +1,10 @@
 """The Hydra config: the learning-rate rule, run names and the config groups."""
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from deepcontrol.config import CONFIG_DIR, compose
 from deepcontrol.models import build_model
@@ -14,6 +17,21 @@ def test_lr_is_base_times_batch(batch, lr):
     cfg = compose([f"data.batch_size={batch}"])
     assert cfg.optim.lr == lr
     assert f"-b{batch}-lr{lr}-" in cfg.run_name
+
+
+@pytest.mark.parametrize(
+    "override, got",
+    [("optim.base_lr=true", "True and 4"), ("data.batch_size=abc", "0.02 and 'abc'"),
+     ("data.batch_size=true", "0.02 and True")],
+)  # fmt: skip
+def test_the_lr_rule_refuses_what_is_not_a_number_naming_its_settings(override, got):
+    # float(True) is 1: optim.base_lr=true would otherwise train at lr 4.0
+    cfg = compose([override])
+    rule = "optim.lr = ${mul:${optim.base_lr},${data.batch_size}}"
+    with pytest.raises(
+        InterpolationResolutionError, match=re.escape(f"{rule} needs two numbers, got {got}")
+    ):
+        OmegaConf.to_container(cfg.optim, resolve=True)
 
 
 def test_explicit_lr_wins_and_defaults_follow_the_paper():

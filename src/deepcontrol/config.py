@@ -3,16 +3,27 @@ resolvers, and composing without Hydra's CLI."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, Node, OmegaConf
+
+from deepcontrol.checks import is_finite_number
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def _mul(a: float, b: float) -> float:
+def _mul(a: object, b: object, *, _node_: Node) -> float:
+    """``${mul:A,B}``, as ``optim.lr = optim.base_lr × data.batch_size``: both must be
+    numbers. ``float(True)`` is 1, so ``optim.base_lr=true`` would train at the batch size
+    as its lr; the error names the key and the two settings it is made of."""
+    if not (is_finite_number(a, -math.inf) and is_finite_number(b, -math.inf)):
+        raise ValueError(
+            f"{_node_._get_full_key(None)} = {_node_._value()} needs two numbers, "
+            f"got {a!r} and {b!r}"
+        )
     # Rounded so that 0.02 × 8 prints as 0.16 in run names and logs.
     return round(float(a) * float(b), 10)
 
