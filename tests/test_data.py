@@ -1,6 +1,7 @@
 """Datasets: label mapping, the cache, the loader, and a clear error for each bad input."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from deepcontrol.data import (
     ensure_cache,
     get_format,
     prepare_cache,
+    synthetic,
 )
 from deepcontrol.data.io import map_labels, read_label_map
 from deepcontrol.data.prepare import load_pair
@@ -241,6 +243,50 @@ def test_an_image_size_that_is_not_a_positive_integer_is_named(synthetic_root, t
         with pytest.raises(DatasetError, match=f"{name} must be a positive integer, got {shown}"):
             ensure_cache(cfg.data)
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("data.synthetic.num_train=true", "num_train must be a positive integer, got True"),
+     ("data.synthetic.num_val=0", "num_val must be a positive integer, got 0"),
+     ("data.synthetic.height=abc", "height must be a positive integer, got 'abc'"),
+     ("data.synthetic.seed=-1", "seed must be an integer >= 0, got -1")],
+)  # fmt: skip
+def test_synthetic_settings_are_named_before_any_image_is_written(override, message, tmp_path):
+    # true wrote one training image; abc and -1 failed inside NumPy or PIL, naming no setting
+    cfg = tiny_config(tmp_path / "root", tmp_path / "c", override)
+    with pytest.raises(DatasetError, match=f"data.synthetic.{message}"):
+        ensure_cache(cfg.data)
+    assert not (tmp_path / "root").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [("3", "3"), ("{train: 4, test: 3}", "{'train': 4, 'test': 3}"),
+     ("{train: abc}", "{'train': 'abc'}")],
+)  # fmt: skip
+def test_expected_image_counts_must_be_counts_of_the_splits(value, shown, synthetic_root, tmp_path):
+    # these failed as "'int' object has no attribute 'items'" or a KeyError, after the cache
+    cfg = tiny_config(synthetic_root, tmp_path / "c", f"+data.expected_images={value}")
+    expected = "null or the image count of each split, such as {train: 2975, val: 500}"
+    with pytest.raises(
+        DatasetError, match=re.escape(f"expected_images must be {expected}, got {shown}")
+    ):
+        ensure_cache(cfg.data)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--num-train", "0"), ("--height", "abc"), ("--seed", "-1")]
+)
+def test_synthetic_command_refuses_bad_numbers_as_usage_errors(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as usage:
+        synthetic.main([str(tmp_path / "root"), flag, value])
+    least = 0 if flag == "--seed" else 1
+    assert usage.value.code == 2 and not (tmp_path / "root").exists()
+    assert (
+        f"argument {flag}: must be an integer >= {least}, got '{value}'" in capsys.readouterr().err
+    )
 
 
 def test_split_without_images(broken_root):

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -186,6 +187,40 @@ def read_manifest(cache_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+def check_expected_images(expected: object) -> None:
+    """``data.expected_images``: null, or image counts of the splits, ``{train: 2975, val:
+    500}``, which the cache's counts are compared with."""
+    if expected is None:
+        return
+    if not (isinstance(expected, Mapping) and set(expected) <= set(SPLITS)
+            and all(is_whole_number(count, 0) for count in expected.values())):  # fmt: skip
+        raise DatasetError(
+            "data.expected_images must be null or the image count of each split, such as "
+            f"{{train: 2975, val: 500}}, got {expected!r}"
+        )
+
+
+def check_positive_integers(settings: Mapping, names: tuple[str, ...], prefix: str) -> None:
+    """Each of ``names`` in ``settings`` (the config group ``prefix``) is an integer >= 1."""
+    for name in names:
+        if not is_whole_number(settings.get(name), 1):
+            raise DatasetError(
+                f"{prefix}{name} must be a positive integer, got {settings.get(name)!r}"
+            )
+
+
+def check_synthetic_settings(synthetic: dict) -> None:
+    """``data.synthetic``'s image counts and sizes are positive integers and its seed one
+    NumPy takes, checked before any image is written; ``true`` would pass as 1."""
+    check_positive_integers(
+        synthetic, ("num_train", "num_val", "height", "width"), "data.synthetic."
+    )
+    if not is_whole_number(synthetic.get("seed"), 0):
+        raise DatasetError(
+            f"data.synthetic.seed must be an integer >= 0, got {synthetic.get('seed')!r}"
+        )
+
+
 def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]:
     """The cache for ``data_cfg``: built if missing (or ``force``), checked if present."""
     if data_cfg.root is None:
@@ -195,12 +230,14 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
             "(data.root=/path) or through the environment variable named in "
             f"configs/data/{data_cfg.name}.yaml{how}"
         )
-    for name in ("height", "width"):
-        if not is_whole_number(data_cfg[name], 1):
-            raise DatasetError(f"data.{name} must be a positive integer, got {data_cfg[name]!r}")
+    check_positive_integers(data_cfg, ("height", "width"), "data.")
+    expected_images = data_cfg.get("expected_images")
+    check_expected_images(expected_images)
     fmt = get_format(data_cfg.format)
     root, cache_dir = Path(data_cfg.root), Path(data_cfg.cache_dir)
     synthetic = dict(data_cfg.synthetic) if data_cfg.get("synthetic") else None
+    if synthetic is not None:
+        check_synthetic_settings(synthetic)
     # Runs started together (a GPU pool, a job array) build a missing cache once: one
     # process builds, the others wait for it and then read it.
     with exclusive_lock(cache_dir.parent / f".{cache_dir.name}.lock"):
@@ -234,7 +271,7 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
             manifest = prepare_cache(
                 fmt, root, cache_dir, data_cfg.height, data_cfg.width, synthetic=synthetic
             )
-    for split, expected in (data_cfg.get("expected_images") or {}).items():
+    for split, expected in (expected_images or {}).items():
         found = manifest["splits"][split]["num_images"]
         if found != expected:  # a partial download, or a deliberate subset
             log.warning(

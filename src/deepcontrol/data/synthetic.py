@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -165,15 +165,31 @@ def check_synthetic_root(root: Path | str, settings: Mapping[str, int]) -> None:
         )
 
 
+def _integer_from(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least``, refused as a usage error."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+        return value
+
+    return integer
+
+
 def main(argv: list[str] | None = None) -> None:
     """``deepcontrol-synthetic ROOT``: write the synthetic dataset."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
-    parser.add_argument("--num-train", type=int, default=48)
-    parser.add_argument("--num-val", type=int, default=16)
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    positive, natural = _integer_from(1), _integer_from(0)
+    parser.add_argument("--num-train", type=positive, default=48)
+    parser.add_argument("--num-val", type=positive, default=16)
+    parser.add_argument("--height", type=positive, default=256)
+    parser.add_argument("--width", type=positive, default=512)
+    parser.add_argument("--seed", type=natural, default=0)
     args = parser.parse_args(argv)
     if args.root.exists():
         parser.error(f"{args.root} already exists; remove it first to write a new dataset")
