@@ -402,14 +402,21 @@ def test_a_directory_of_other_settings_is_refused(synthetic_root, cache, tmp_pat
      # these two read as true, being non-empty strings
      ("train.resume=maybe", "train.resume must be true or false, got 'maybe'"),
      ("norm.sync=yes", "norm.sync must be true or false, got 'yes'"),
-     ("train.cuda_graph=true", "train.cuda_graph=true needs a CUDA device, got device=cpu")],
+     ("train.cuda_graph=true", "train.cuda_graph=true needs a CUDA device, got device=cpu"),
+     # these failed after the data and the network were built, or not at all: a misspelt
+     # logger.name logged to no W&B, and a string of tags was one tag a character
+     ("logger=wandb logger.mode=abc",
+      "logger.mode must be one of auto, online, offline, disabled, got 'abc'"),
+     ("logger=wandb logger.tags=abc",
+      r"logger.tags must be a list of strings, such as \[a,b\], got 'abc'"),
+     ("logger.name=wnadb", "logger.name must be none or wandb, got 'wnadb'")],
 )  # fmt: skip
 def test_a_bad_setting_read_late_is_refused_before_the_run_directory(
     synthetic_root, cache, tmp_path, override, message
 ):
     # fp16 used to fail at the first step, after config.yaml was written, and then the
     # corrected command was refused as "a run with other settings"; epochs=0 "finished"
-    cfg = tiny_config(synthetic_root, cache, *SIZE, override)
+    cfg = tiny_config(synthetic_root, cache, *SIZE, *override.split())
     with pytest.raises(ValueError, match=message):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ import math
 import netrc
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -48,10 +49,32 @@ def wandb_credentials_exist() -> bool:
         return False
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """``auto`` → ``$WANDB_MODE`` if set, else online with credentials, else offline."""
+def _check_wandb_mode(mode: object) -> None:
     if mode not in WANDB_MODES:
         raise ValueError(f"logger.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+
+
+def check_logger_settings(logger: DictConfig) -> None:
+    """``logger.*`` as :class:`RunLogger` reads them, for a check before the run starts:
+    ``logger.name`` none or wandb (another would log to no W&B without a word), and for
+    W&B its mode and its tags, a list of strings (a string would be one tag a character)."""
+    if logger.name not in ("none", "wandb"):
+        raise ValueError(f"logger.name must be none or wandb, got {logger.name!r}")
+    if logger.name != "wandb":
+        return
+    _check_wandb_mode(logger.mode)
+    tags = logger.tags
+    if (
+        isinstance(tags, str)
+        or not isinstance(tags, Sequence)
+        or not all(isinstance(tag, str) for tag in tags)
+    ):
+        raise ValueError(f"logger.tags must be a list of strings, such as [a,b], got {tags!r}")
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto`` → ``$WANDB_MODE`` if set, else online with credentials, else offline."""
+    _check_wandb_mode(mode)
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_MODE"):

@@ -45,7 +45,7 @@ from deepcontrol.engine import (
 )
 from deepcontrol.graphed_step import training_step_fn
 from deepcontrol.locks import exclusive_lock
-from deepcontrol.logging import RunLogger, read_json
+from deepcontrol.logging import RunLogger, check_logger_settings, read_json
 from deepcontrol.losses import LossFn, build_loss
 from deepcontrol.models import build_model, model_outputs_contours
 from deepcontrol.nn import agc_mean_scales, mean_scale_parameters
@@ -297,6 +297,7 @@ def check_settings(cfg: DictConfig) -> None:
     for name in ("train.progress", "train.resume", "train.cudnn_benchmark", "norm.sync"):
         true_or_false(name, OmegaConf.select(cfg, name))
     check_precision(cfg.train.precision)
+    check_logger_settings(cfg.logger)
     optim = cfg.optim
     check_sgd_settings(optim.lr, optim.momentum, optim.weight_decay, optim.mean_scale_lr_mult)
     check_cuda_graph(cfg)
