@@ -7,6 +7,7 @@ python scripts/compare_runs.py --latest outputs/demo     # the newest sweep in t
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from deepcontrol.results import comparison_table
@@ -28,7 +29,11 @@ def main() -> None:
         runs += sorted(p.parent for p in sweeps[-1].glob("*/metrics.csv"))
     if not runs:
         parser.error("no run directories given")
-    print(comparison_table(runs, args.column))
+    try:
+        table = comparison_table(runs, args.column)
+    except (FileNotFoundError, ValueError) as e:  # a bad run: say which, no traceback
+        sys.exit(f"compare_runs: {e}")
+    print(table)
     print("\noutputs (config.yaml, metrics.csv, summary.json, checkpoints):")
     for run in runs:
         print(f"  {run}")

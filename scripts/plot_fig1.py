@@ -9,6 +9,7 @@ python scripts/plot_fig1.py results/cityscapes [OVERRIDES ...]
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from deepcontrol.figure1 import draw_figure1, draw_lambda, panel_membership, write_table
@@ -20,7 +21,10 @@ def main() -> None:
     parser.add_argument("results", type=Path, help="folder holding runs.csv")
     parser.add_argument("overrides", nargs="*", help="the training command's overrides")
     args = parser.parse_args()
-    runs = read_runs_csv(args.results / "runs.csv")
+    try:
+        runs = read_runs_csv(args.results / "runs.csv")
+    except (FileNotFoundError, ValueError) as e:  # no or a bad runs.csv: say which, no traceback
+        sys.exit(f"plot_fig1: {e}")
     membership = panel_membership(args.overrides)
     draw_figure1(runs, membership, args.results)
     header = (f"# Figure 1: validation error per run ({args.results / 'runs.csv'}; overrides: "

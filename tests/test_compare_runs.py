@@ -56,6 +56,13 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"run/metrics.csv, line 3: expected a number in each "
                        r"of 3 columns, got \['2', '1.0', None\]"):  # fmt: skip
         comparison_table([run])
+    cut_short = compare_runs(str(run))  # both were tracebacks from the command
+    assert cut_short.returncode == 1 and "Traceback" not in cut_short.stderr
+    assert cut_short.stderr.startswith(f"compare_runs: {run / 'metrics.csv'}, line 3: expected ")
+    not_a_run = compare_runs(str(tmp_path / "nothing"))
+    assert not_a_run.returncode == 1 and not_a_run.stderr.startswith(
+        f"compare_runs: {tmp_path / 'nothing' / 'metrics.csv'}: no metrics.csv"
+    )
     missing = compare_runs("--latest", str(tmp_path / "missing"))
     assert missing.returncode == 2
     assert "missing: not a folder; expected one of timestamped sweeps" in missing.stderr

@@ -358,6 +358,16 @@ def test_runs_of_several_sweeps_gather_into_one_table(tmp_path):
     (tmp_path / "bad.csv").write_text("epoch\n1\n")
     with pytest.raises(ValueError, match="bad.csv: expected a runs.csv with a run_name column"):
         gather_runs([tmp_path / "bad.csv"])
+    # plot_fig1.py read it to a KeyError's traceback
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad.csv").rename(tmp_path / "bad" / "runs.csv")
+    plot = [sys.executable, str(REPO / "scripts" / "plot_fig1.py")]
+    not_collected = "no runs.csv; run scripts/collect_results.py first"
+    for results, why in [("bad", "expected a runs.csv with a run_name column"),
+                         ("none", not_collected)]:  # fmt: skip
+        plotted = subprocess.run([*plot, str(tmp_path / results)], capture_output=True, text=True)
+        assert plotted.returncode == 1 and "Traceback" not in plotted.stderr
+        assert plotted.stderr == f"plot_fig1: {tmp_path / results / 'runs.csv'}: {why}\n"
     script = [sys.executable, str(REPO / "scripts" / "collect_results.py")]
     done = subprocess.run([*script, str(earlier), str(tmp_path / "none"), str(tmp_path / "out")],
                           capture_output=True, text=True)  # fmt: skip

@@ -128,10 +128,7 @@ def gather_runs(sources: list[Path]) -> list[dict]:
     found: dict[str, Path] = {}
     for source in map(Path, sources):
         if source.is_file():
-            with source.open() as f:
-                new = list(csv.DictReader(f))
-            if not new or "run_name" not in new[0]:
-                raise ValueError(f"{source}: expected a runs.csv with a run_name column")
+            new = _runs_csv_rows(source)
         else:
             new = collect_runs(source)
         for name in dict.fromkeys(str(row["run_name"]) for row in new):
@@ -155,17 +152,25 @@ def write_runs_csv(rows: list[dict], path: Path) -> None:
 TEXT_COLUMNS = frozenset({"code"})
 
 
+def _runs_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a runs.csv as text; an error naming it if it is not one."""
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        if "run_name" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: expected a runs.csv with a run_name column")
+        return list(reader)
+
+
 def read_runs_csv(path: Path) -> dict[str, list[dict]]:
     """runs.csv grouped by run name; numbers as floats, blanks as NaN, epochs in order."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no runs.csv; run scripts/collect_results.py first")
     runs: dict[str, list[dict]] = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            runs.setdefault(row["run_name"], []).append(
-                {k: v if k in TEXT_COLUMNS else _number(v) for k, v in row.items()}
-            )
+    for row in _runs_csv_rows(path):
+        runs.setdefault(row["run_name"], []).append(
+            {k: v if k in TEXT_COLUMNS else _number(v) for k, v in row.items()}
+        )
     for rows in runs.values():
         rows.sort(key=lambda r: -1 if math.isnan(r.get("epoch", math.nan)) else r["epoch"])
     return runs
