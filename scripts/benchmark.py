@@ -46,6 +46,28 @@ GPU_OUT = Path("results")
 # The reduced grid checks that the code runs; its numbers are no result, and written to
 # results/ they would replace the GPU report committed there.
 REDUCED_OUT = Path("outputs/benchmark-reduced")
+NORM_CHOICES = sorted({*NORMS, *AGC_KERNELS})  # agc-naive: the reference AGC and a ReLU
+
+
+def seconds(text: str) -> float:
+    """``--time-limit``'s value: seconds, 0 or more."""
+    value = float(text)  # argparse reports a ValueError as "invalid seconds value"
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
+
+
+def profile_setting(parser: argparse.ArgumentParser, values: list[str]) -> Setting:
+    """``--profile NORM BATCH PRECISION MODE`` as a setting, each checked as ``--norms``,
+    ``--precisions`` and ``--modes`` are, before anything is built."""
+    norm, batch, precision, mode = values
+    for name, value, allowed in (("NORM", norm, NORM_CHOICES), ("PRECISION", precision, PRECISIONS),
+                                 ("MODE", mode, MODES)):  # fmt: skip
+        if value not in allowed:
+            parser.error(f"--profile: {name} must be one of {', '.join(allowed)}, got {value!r}")
+    if not (batch.isdigit() and int(batch) >= 1):
+        parser.error(f"--profile: BATCH must be a positive integer, got {batch!r}")
+    return Setting(norm, int(batch), precision, mode)
 
 
 def main() -> None:
@@ -69,7 +91,7 @@ def main() -> None:
     parser.add_argument(
         "--norms",
         nargs="+",
-        choices=sorted({*NORMS, *AGC_KERNELS}),
+        choices=NORM_CHOICES,
         metavar="NORM",
         help="the norms timed in eager mode (compiled modes time bn, agc and none), e.g. "
         "bn agc gn agc-window, with --out elsewhere than the report of the default grid; "
@@ -85,7 +107,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--time-limit",
-        type=float,
+        type=seconds,
         metavar="SECONDS",
         help="start nothing new after this; the report lists what is left",
     )
@@ -101,10 +123,10 @@ def main() -> None:
         cfg.norms = tuple(args.norms)
     if args.no_cap:
         cfg.memory_cap_gib = None
+    setting = profile_setting(parser, args.profile) if args.profile else None
     cfg.time_limit_s = args.time_limit
-    if args.profile:
-        norm, batch, precision, mode = args.profile
-        print(profile_step(Setting(norm, int(batch), precision, mode), cfg, device))
+    if setting is not None:
+        print(profile_step(setting, cfg, device))
         return
     out = args.out or (REDUCED_OUT if reduced else GPU_OUT)
     if device.type == "cpu":

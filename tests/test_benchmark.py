@@ -66,6 +66,25 @@ def test_the_norms_beyond_the_paper_are_timed_when_asked(tmp_path):
     assert done.returncode == 2 and "--norms: invalid choice: 'ln'" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--time-limit", "-5"], "argument --time-limit: must be 0 or more seconds, got '-5'"),
+     (["--profile", "agc", "0", "bf16", "eager"], "BATCH must be a positive integer, got '0'"),
+     (["--profile", "ln", "8", "bf16", "eager"], "NORM must be one of agc, agc-median, "),
+     (["--profile", "agc", "8", "fp16", "eager"], "PRECISION must be one of fp32, tf32, bf16"),
+     (["--profile", "agc", "8", "bf16", "fast"], "MODE must be one of eager, compile, ")],
+)  # fmt: skip
+def test_bad_arguments_are_usage_errors_before_anything_runs(args, message, tmp_path):
+    # a GPU's lease is short: batch 0 profiled empty steps, a bad mode was a KeyError's
+    # traceback after the network was built, and a negative limit measured nothing
+    script = REPO / "scripts" / "benchmark.py"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's reduced grid")
 def test_the_reduced_grid_never_writes_into_results(tmp_path):
     # make bench on a laptop used to replace the GPU report committed in results/
