@@ -33,6 +33,7 @@ if not torch.cuda.is_available():  # before Triton is imported (deepcontrol.nn i
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from deepcontrol.benchmark import AGC_KERNEL_PASSES, Config, Setting, agc_inputs  # noqa: E402
+from deepcontrol.checks import integer_from  # noqa: E402
 from deepcontrol.nn import triton_agc as kernels  # noqa: E402
 
 GRIDS = {
@@ -195,9 +196,9 @@ def fastest(rows: list[dict], names: Iterable[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", choices=tuple(GRIDS), default="reduction")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=integer_from(1), default=8)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--replays", type=integer_from(1), default=20)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"

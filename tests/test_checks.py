@@ -1,10 +1,11 @@
 """The predicates that settings' checks share (``deepcontrol.checks``)."""
 
+import argparse
 import math
 
 import pytest
 
-from deepcontrol.checks import is_finite_number, is_whole_number, true_or_false
+from deepcontrol.checks import integer_from, is_finite_number, is_whole_number, true_or_false
 
 
 def test_a_whole_number_is_an_int_in_its_range_and_never_a_bool():
@@ -26,3 +27,17 @@ def test_true_or_false_passes_a_bool_on_and_names_anything_else():
     for value in ("maybe", 1, None):  # "maybe" and 1 are truthy
         with pytest.raises(ValueError, match=f"train.resume must be true or false, got {value!r}"):
             true_or_false("train.resume", value)
+
+
+def test_integer_from_is_an_argparse_type_that_says_what_it_wanted():
+    positive = integer_from(1)
+    assert positive("3") == 3 and integer_from(0)("0") == 0
+    for text in ("0", "-2", "abc", "2.5"):
+        with pytest.raises(
+            argparse.ArgumentTypeError, match=f"must be an integer >= 1, got '{text}'"
+        ):
+            positive(text)
+    parser = argparse.ArgumentParser(prog="p", exit_on_error=False)
+    parser.add_argument("--batch", type=positive)
+    with pytest.raises(argparse.ArgumentError, match="must be an integer >= 1, got '0'"):
+        parser.parse_args(["--batch", "0"])

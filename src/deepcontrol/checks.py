@@ -7,7 +7,9 @@ true.
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable
 
 
 def is_whole_number(value: object, least: int, below: float = math.inf) -> bool:
@@ -26,3 +28,18 @@ def is_finite_number(value: object, least: float) -> bool:
     """``value`` is an int or float (not a bool), finite and at least ``least``."""
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and least <= value < math.inf)  # fmt: skip
+
+
+def integer_from(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least``, or a usage error saying so."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+        return value
+
+    return integer

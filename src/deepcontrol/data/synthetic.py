@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from deepcontrol.atomic import atomic_dir
+from deepcontrol.checks import integer_from
 from deepcontrol.data.io import DatasetError
 
 # Cityscapes label ids used by the generator, and a base colour for each (RGB).
@@ -165,26 +166,11 @@ def check_synthetic_root(root: Path | str, settings: Mapping[str, int]) -> None:
         )
 
 
-def _integer_from(least: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``least``, refused as a usage error."""
-
-    def integer(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < least:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
-        return value
-
-    return integer
-
-
 def main(argv: list[str] | None = None) -> None:
     """``deepcontrol-synthetic ROOT``: write the synthetic dataset."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
-    positive, natural = _integer_from(1), _integer_from(0)
+    positive, natural = integer_from(1), integer_from(0)
     parser.add_argument("--num-train", type=positive, default=48)
     parser.add_argument("--num-val", type=positive, default=16)
     parser.add_argument("--height", type=positive, default=256)
