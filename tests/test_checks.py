@@ -5,7 +5,14 @@ import math
 
 import pytest
 
-from deepcontrol.checks import integer_from, is_finite_number, is_whole_number, true_or_false
+from deepcontrol.checks import (
+    check_positive_integers,
+    integer_from,
+    is_finite_number,
+    is_whole_number,
+    true_or_false,
+)
+from deepcontrol.data.io import DatasetError
 
 
 def test_a_whole_number_is_an_int_in_its_range_and_never_a_bool():
@@ -19,6 +26,17 @@ def test_a_finite_number_is_an_int_or_float_from_its_least_and_never_a_bool():
     assert is_finite_number(0, 0) and is_finite_number(2.5, 0)
     for value in (False, -0.1, math.inf, math.nan, "1", None):
         assert not is_finite_number(value, 0), value
+
+
+def test_positive_integers_name_the_first_that_is_not_with_the_error_asked_for():
+    settings = {"height": 32, "width": True, "batch": 0}
+    check_positive_integers(settings, ("height",), "data.")
+    with pytest.raises(ValueError, match=r"^data.width must be a positive integer, got True$"):
+        check_positive_integers(settings, ("height", "width", "batch"), "data.")
+    with pytest.raises(DatasetError, match="data.batch must be a positive integer, got 0"):
+        check_positive_integers(settings, ("batch",), "data.", DatasetError)
+    with pytest.raises(ValueError, match="data.missing must be a positive integer, got None"):
+        check_positive_integers(settings, ("missing",), "data.")
 
 
 def test_true_or_false_passes_a_bool_on_and_names_anything_else():

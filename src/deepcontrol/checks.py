@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 
 def is_whole_number(value: object, least: int, below: float = math.inf) -> bool:
     """``value`` is an integer (not a bool) from ``least`` up to, not including, ``below``."""
     return isinstance(value, int) and not isinstance(value, bool) and least <= value < below
+
+
+def check_positive_integers(
+    settings: Mapping, names: Iterable[str], prefix: str, error: type[ValueError] = ValueError
+) -> None:
+    """Each of ``names`` in ``settings``, the config group ``prefix`` (``"data."``), is an
+    integer >= 1; otherwise ``error`` naming the first that is not (``DatasetError`` where
+    the cache is made, which ``deepcontrol-prepare`` reports in one line)."""
+    for name in names:
+        if not is_whole_number(settings.get(name), 1):
+            raise error(f"{prefix}{name} must be a positive integer, got {settings.get(name)!r}")
 
 
 def true_or_false(name: str, value: object) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from deepcontrol.checks import is_whole_number, true_or_false
+from deepcontrol.checks import check_positive_integers, true_or_false
 from deepcontrol.data.class_weights import enet_class_weights
 from deepcontrol.data.io import IGNORE_INDEX, DatasetError
 from deepcontrol.data.loader import DeviceBatches
@@ -48,9 +48,7 @@ def build_data(
     speed, not the metrics, and at training batch 1 a forward per image would bound the
     epoch by kernel launches.
     """
-    for name in ("batch_size", "val_batch_size"):
-        if not is_whole_number(data_cfg[name], 1):
-            raise ValueError(f"data.{name} must be a positive integer, got {data_cfg[name]!r}")
+    check_positive_integers(data_cfg, ("batch_size", "val_batch_size"), "data.")
     true_or_false("data.hflip", data_cfg.hflip)
     cache_dir, manifest = ensure_cache(data_cfg)
     train_images = manifest["splits"]["train"]["num_images"]

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from deepcontrol.atomic import atomic_dir
-from deepcontrol.checks import is_whole_number
+from deepcontrol.checks import check_positive_integers, is_whole_number
 from deepcontrol.data import cityscapes
 from deepcontrol.data.class_weights import enet_class_weights
 from deepcontrol.data.io import IGNORE_INDEX, DatasetError, map_labels, read_label_map, read_rgb
@@ -200,21 +200,11 @@ def check_expected_images(expected: object) -> None:
         )
 
 
-def check_positive_integers(settings: Mapping, names: tuple[str, ...], prefix: str) -> None:
-    """Each of ``names`` in ``settings`` (the config group ``prefix``) is an integer >= 1."""
-    for name in names:
-        if not is_whole_number(settings.get(name), 1):
-            raise DatasetError(
-                f"{prefix}{name} must be a positive integer, got {settings.get(name)!r}"
-            )
-
-
 def check_synthetic_settings(synthetic: dict) -> None:
     """``data.synthetic``'s image counts and sizes are positive integers and its seed one
     NumPy takes, checked before any image is written; ``true`` would pass as 1."""
-    check_positive_integers(
-        synthetic, ("num_train", "num_val", "height", "width"), "data.synthetic."
-    )
+    names = ("num_train", "num_val", "height", "width")
+    check_positive_integers(synthetic, names, "data.synthetic.", DatasetError)
     if not is_whole_number(synthetic.get("seed"), 0):
         raise DatasetError(
             f"data.synthetic.seed must be an integer >= 0, got {synthetic.get('seed')!r}"
@@ -230,7 +220,7 @@ def ensure_cache(data_cfg: DictConfig, force: bool = False) -> tuple[Path, dict]
             "(data.root=/path) or through the environment variable named in "
             f"configs/data/{data_cfg.name}.yaml{how}"
         )
-    check_positive_integers(data_cfg, ("height", "width"), "data.")
+    check_positive_integers(data_cfg, ("height", "width"), "data.", DatasetError)
     expected_images = data_cfg.get("expected_images")
     check_expected_images(expected_images)
     fmt = get_format(data_cfg.format)
